@@ -1,0 +1,86 @@
+"""Where each op's implementation is chosen: CUDA extension → Triton → PyTorch reference.
+
+Every op family asks this module instead of probing on its own, so the choice (and the reason for it)
+is made in one place and reported by ``python -m tgolf.info``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("cuda", "triton", "reference")
+
+
+@dataclass(frozen=True)
+class Choice:
+    backend: str  # one of BACKENDS
+    reason: str
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_extension():
+    """The compiled ``tgolf._C`` module, or None when it was not built (see tgolf_build.py)."""
+    try:
+        return importlib.import_module("tgolf._C")
+    except ImportError:
+        return None
+
+
+def cuda_op(name: str) -> Callable | None:
+    """``torch.ops.tgolf.<name>`` when the CUDA extension registered it, else None."""
+    if cuda_extension() is None:
+        return None
+    return getattr(torch.ops.tgolf, name, None) if hasattr(torch.ops, "tgolf") else None
+
+
+def forced_backend() -> str | None:
+    """TGOLF_BACKEND=reference|triton|cuda forces a backend for every op (debugging and benchmarks)."""
+    value = os.environ.get("TGOLF_BACKEND", "").strip().lower()
+    if value and value not in BACKENDS:
+        raise ValueError(f"environment variable TGOLF_BACKEND={value!r}: expected one of {BACKENDS}")
+    return value or None
+
+
+def choose(device: torch.device, cuda_name: str | None = None, has_triton: bool = True) -> Choice:
+    """Pick the backend for an op on tensors living on ``device``.
+
+    ``cuda_name`` is the op's name under ``torch.ops.tgolf`` if a CUDA kernel exists for it;
+    ``has_triton`` says whether the family has a Triton kernel for this op.
+    """
+    forced = forced_backend()
+    if device.type == "cuda":
+        if forced in (None, "cuda") and cuda_name and cuda_op(cuda_name) is not None:
+            return Choice("cuda", f"CUDA kernel torch.ops.tgolf.{cuda_name}")
+        if forced in (None, "cuda", "triton") and has_triton and triton_importable():
+            return Choice("triton", "Triton kernel on the GPU")
+        return Choice("reference", "forced by TGOLF_BACKEND" if forced == "reference" else "no kernel available")
+    if forced in (None, "triton") and has_triton and triton_importable() and triton_interpret():
+        return Choice("triton", "Triton kernel under TRITON_INTERPRET=1 on the CPU")
+    return Choice("reference", "CPU tensors: PyTorch reference (set TRITON_INTERPRET=1 to run Triton on the CPU)")
+
+
+# Registered by each op family: name -> function(device) -> Choice, for `python -m tgolf.info`.
+OP_CHOICES: dict[str, Callable[[torch.device], Choice]] = {}
+
+
+def register_op(name: str, chooser: Callable[[torch.device], Choice]) -> None:
+    OP_CHOICES[name] = chooser

@@ -1,0 +1,230 @@
+"""The one typed configuration of a tgolf run.
+
+Resolution order, later wins: preset defaults → the contest's environment variables → CLI flags.
+Every other module receives a ``Config`` (or plain values from it); none reads the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Sequence, get_type_hints
+
+LINEAR_KINDS = ("bf16", "qat4", "qat5", "qat6", "qat7", "qat8", "fp8", "ternary")
+MLP_KINDS = ("reference", "fused")
+ATTENTION_KINDS = ("softmax", "linear", "hybrid")
+LOSS_KINDS = ("reference", "fused")
+ACTIVATIONS = ("relu2", "leaky_relu2")
+EXPORT_SCHEMES = ("int8", "int6", "int5")
+COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
+
+
+@dataclass
+class Config:
+    # --- data -------------------------------------------------------------------------------
+    data_path: str = ""  # folder with fineweb_train_*.bin / fineweb_val_*.bin; "" = embedded default corpus
+    tokenizer_path: str = ""  # SentencePiece .model; "" = the one next to the shards (tokenizer.model)
+    vocab_size: int = 1024
+    val_tokens_limit: int = 0  # 0 = the whole val split; >0 truncates it (smoke runs)
+
+    # --- run --------------------------------------------------------------------------------
+    run_id: str = "tgolf"
+    seed: int = 1337
+    out_dir: str = "runs"  # run folder = out_dir/run_id
+    device: str = "auto"  # auto | cuda | cpu
+    compile: str = "auto"  # auto (on for CUDA, off for CPU) | on | off
+
+    # --- budget and schedule ----------------------------------------------------------------
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    warmup_steps: int = 20  # compile warm-up steps; model and optimizer state are restored after them
+    warmdown_iters: int = 1200  # converted to seconds with the measured step time
+    train_batch_tokens: int = 524_288  # tokens per optimizer step, over all ranks
+    train_seq_len: int = 1024
+    val_loss_every: int = 1000  # 0 = only at the end
+    val_batch_size: int = 524_288  # tokens per validation batch, over all ranks
+    train_log_every: int = 200
+
+    # --- model ------------------------------------------------------------------------------
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+
+    # --- pluggable parts (tgolf.nn chooses the module by these names) -------------------------
+    linear: str = "bf16"  # attention and MLP matrices: bf16 | qat4..qat8 | fp8 | ternary
+    mlp: str = "reference"  # reference | fused
+    mlp_activation: str = "relu2"  # relu2 | leaky_relu2
+    negative_slope: float = 0.5  # for leaky_relu2
+    attention: str = "softmax"  # softmax | linear | hybrid
+    attention_window: int = 256  # sliding-window width of the hybrid attention
+    loss: str = "reference"  # reference | fused
+
+    # --- optimizer --------------------------------------------------------------------------
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    tied_embed_lr: float = 0.05
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    muon_momentum: float = 0.95
+    muon_backend_steps: int = 5
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0
+
+    # --- checkpoints ------------------------------------------------------------------------
+    checkpoint_every: float = 0.0  # minutes; 0 = only on SIGTERM
+    resume: str = ""  # checkpoint file to continue from
+
+    # --- export and evaluation --------------------------------------------------------------
+    export_scheme: str = "int8"  # per-row quantization of the large float matrices
+    compressor: str = "best"
+    max_artifact_bytes: int = 16_000_000
+    eval_stride: int = 0  # 0 = non-overlapping windows; >0 = sliding windows with this stride
+    eval_seq_len: int = 0  # 0 = train_seq_len
+    submission_dir: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    def validate(self) -> "Config":
+        """Raise ValueError naming the field for any inconsistent value; return self."""
+        choices = {
+            "linear": LINEAR_KINDS, "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
+            "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
+            "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config field {name}={getattr(self, name)!r}: expected one of {allowed}")
+        positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "num_layers",
+                    "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "val_batch_size")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config field {name}={getattr(self, name)}: must be > 0")
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"config field model_dim={self.model_dim} is not divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"config field num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"config: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.train_batch_tokens % self.train_seq_len:
+            raise ValueError(f"config field train_batch_tokens={self.train_batch_tokens} is not a multiple of "
+                             f"train_seq_len={self.train_seq_len}")
+        if self.max_wallclock_seconds < 0 or self.checkpoint_every < 0:
+            raise ValueError("config fields max_wallclock_seconds and checkpoint_every must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {unknown}")
+        return cls(**values)
+
+
+# Presets: only the fields that differ from the dataclass defaults (which are the official baseline).
+PRESETS: dict[str, dict[str, Any]] = {
+    "baseline": {},
+    "smoke": dict(
+        num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2,
+        train_batch_tokens=8192, train_seq_len=256, val_batch_size=16384,
+        iterations=2000, max_wallclock_seconds=150.0, warmup_steps=0, warmdown_iters=200,
+        val_loss_every=0, train_log_every=25, val_tokens_limit=131072,
+        matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03,
+    ),
+}
+
+# The contest's environment variables (train_gpt.py names) map 1:1 to upper-cased field names; any field can be
+# set this way. These are the ones the official script documents, listed for the README and --help.
+CONTEST_ENV_VARS = ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "RUN_ID", "SEED", "ITERATIONS",
+                    "MAX_WALLCLOCK_SECONDS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_LOSS_EVERY",
+                    "VAL_BATCH_SIZE", "TRAIN_LOG_EVERY", "WARMDOWN_ITERS", "WARMUP_STEPS", "NUM_LAYERS",
+                    "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "TIE_EMBEDDINGS", "ROPE_BASE",
+                    "LOGIT_SOFTCAP", "QK_GAIN_INIT", "EMBED_LR", "HEAD_LR", "TIED_EMBED_LR", "MATRIX_LR",
+                    "SCALAR_LR", "MUON_MOMENTUM", "MUON_BACKEND_STEPS", "MUON_MOMENTUM_WARMUP_START",
+                    "MUON_MOMENTUM_WARMUP_STEPS", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP_NORM")
+
+
+def _parse_value(kind: type, text: str, source: str) -> Any:
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"{source}={text!r}: expected a {kind.__name__}") from None
+
+
+def _field_types() -> dict[str, type]:
+    return get_type_hints(Config)
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Values from environment variables named like the fields, upper-cased (DATA_PATH, SEED, ...)."""
+    out: dict[str, Any] = {}
+    for name, kind in _field_types().items():
+        key = name.upper()
+        if key in environ and environ[key] != "":
+            out[name] = _parse_value(kind, environ[key], f"environment variable {key}")
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add --preset and one --flag-name per Config field; unspecified flags stay None."""
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="starting values (default: smoke without DATA_PATH, else baseline)")
+    group = parser.add_argument_group("config (also settable as upper-cased environment variables)")
+    defaults = Config()
+    for name, kind in _field_types().items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"default {getattr(defaults, name)!r}; env {name.upper()}"
+        if kind is bool:
+            group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            group.add_argument(flag, dest=name, default=None, type=kind, help=help_text, metavar=kind.__name__.upper())
+
+
+def resolve_config(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None,
+                   preset: str | None = None) -> Config:
+    """Preset → environment → CLI. The preset defaults to `smoke` when no DATA_PATH is given, else `baseline`."""
+    environ = os.environ if environ is None else environ
+    env = env_overrides(environ)
+    cli = {} if args is None else {k: v for k, v in vars(args).items() if k in _field_types() and v is not None}
+    preset = preset or (getattr(args, "preset", None) if args is not None else None)
+    if preset is None:
+        preset = "baseline" if (cli.get("data_path") or env.get("data_path")) else "smoke"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: expected one of {sorted(PRESETS)}")
+    values = {**PRESETS[preset], **env, **cli}
+    return Config(**values).validate()
+
+
+def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None,
+                 description: str = "") -> Config:
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser)
+    return resolve_config(parser.parse_args(argv), environ)
+
+
+__all__ = ["Config", "PRESETS", "CONTEST_ENV_VARS", "LINEAR_KINDS", "add_config_arguments", "resolve_config",
+           "parse_config", "env_overrides"]

@@ -1,0 +1,125 @@
+"""The baseline GPT of the Parameter Golf contest, with its parts chosen by name from tgolf.nn.
+
+9 × 512 at the baseline preset: GQA attention, relu² MLP, tied embeddings, U-Net skips from the first half
+of the blocks to the second, per-block mix with the embedding x0, tanh logit softcap (17,059,912 parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tgolf.nn import get_loss, make_attention, make_mlp
+from tgolf.profile.ranges import nvtx_range
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 2
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    linear: str = "bf16"
+    mlp: str = "reference"
+    mlp_activation: str = "relu2"
+    negative_slope: float = 0.5
+    attention: str = "softmax"
+    attention_window: int = 256
+    loss: str = "reference"
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelConfig":
+        """Take the model fields of a tgolf.config.Config (or any object with those attributes)."""
+        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
+
+
+class Block(nn.Module):
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        dim = mc.model_dim
+        self.attn = make_attention(mc.attention, dim, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                                   rope_base=mc.rope_base, qk_gain_init=mc.qk_gain_init, linear=mc.linear,
+                                   window=mc.attention_window)
+        self.mlp = make_mlp(mc.mlp, dim, mc.mlp_mult * dim, activation=mc.mlp_activation,
+                            negative_slope=mc.negative_slope, linear=mc.linear)
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        with nvtx_range("attention"):
+            x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.shape[-1],)))
+        with nvtx_range("mlp"):
+            x = x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.shape[-1],)))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        self.config = mc
+        self.tok_emb = nn.Embedding(mc.vocab_size, mc.model_dim)
+        self.num_encoder_layers = mc.num_layers // 2
+        self.num_decoder_layers = mc.num_layers - self.num_encoder_layers
+        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, mc.model_dim))
+        self.blocks = nn.ModuleList(Block(mc) for _ in range(mc.num_layers))
+        self.lm_head = None if mc.tie_embeddings else nn.Linear(mc.model_dim, mc.vocab_size, bias=False)
+        self.loss_fn = get_loss(mc.loss)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.config.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
+        for module in self.modules():
+            if getattr(module, "zero_init", False):
+                nn.init.zeros_(module.weight)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states [B, T, dim] (before the lm head)."""
+        x = F.rms_norm(self.tok_emb(input_ids), (self.config.model_dim,))
+        x0, skips = x, []
+        for block in self.blocks[: self.num_encoder_layers]:
+            x = block(x, x0)
+            skips.append(x)
+        for i, block in enumerate(self.blocks[self.num_encoder_layers:]):
+            if skips:
+                x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
+            x = block(x, x0)
+        return F.rms_norm(x, (self.config.model_dim,))
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Softcapped fp32 logits [B, T, V] (evaluation and tests; training uses the loss directly)."""
+        hidden = self.hidden_states(input_ids)
+        logits = F.linear(hidden, self.head_weight.to(hidden.dtype)).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy of ``targets`` [B, T]; ``reduction="none"`` gives per-token losses [B, T] in nats."""
+        hidden = self.hidden_states(input_ids)
+        with nvtx_range("loss"):
+            loss = self.loss_fn(hidden.reshape(-1, hidden.shape[-1]), self.head_weight.to(hidden.dtype),
+                                targets.reshape(-1), self.config.logit_softcap, reduction)
+        return loss if reduction == "mean" else loss.view_as(targets)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

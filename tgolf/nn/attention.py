@@ -1,0 +1,51 @@
+"""The baseline's softmax attention block: GQA, RMS-normed q and k, RoPE, per-head q gain, SDPA.
+
+Every attention module in tgolf.nn takes the same constructor arguments and maps [B, T, dim] → [B, T, dim],
+so ``Config.attention`` swaps them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tgolf.nn import make_linear
+from tgolf.nn.rotary import Rotary, apply_rotary
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, *, num_heads: int, num_kv_heads: int, rope_base: float = 10000.0,
+                 qk_gain_init: float = 1.5, linear: str = "bf16", window: int = 0):
+        super().__init__()
+        if dim % num_heads or num_heads % num_kv_heads:
+            raise ValueError(f"attention: dim={dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads} do not divide")
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
+        self.c_q = make_linear(linear, dim, dim)
+        self.c_k = make_linear(linear, dim, kv_dim)
+        self.c_v = make_linear(linear, dim, kv_dim)
+        self.proj = make_linear(linear, dim, dim)
+        self.proj.zero_init = True  # residual branches start at zero (baseline)
+        self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
+        self.rotary = Rotary(self.head_dim, rope_base)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, D], k and v [B, Hkv, T, D]: normed, rotated and gained as the baseline does."""
+        bsz, seq_len, _ = x.shape
+        q = self.c_q(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = F.rms_norm(q, (self.head_dim,))
+        k = F.rms_norm(k, (self.head_dim,))
+        cos, sin = self.rotary.tables(seq_len, x.device, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(q.dtype)[None, :, None, None]
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq_len, dim = x.shape
+        q, k, v = self.project_qkv(x)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim))
