@@ -42,6 +42,7 @@ class Config:
     warmdown_iters: int = 1200  # converted to seconds with the measured step time
     train_batch_tokens: int = 524_288  # tokens per optimizer step, over all ranks
     train_seq_len: int = 1024
+    grad_accum_steps: int = 0  # micro-batches per step on each rank; 0 = 8 // world_size, as the baseline
     val_loss_every: int = 1000  # 0 = only at the end
     val_batch_size: int = 524_288  # tokens per validation batch, over all ranks
     train_log_every: int = 200
@@ -144,7 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2,
         train_batch_tokens=8192, train_seq_len=256, val_batch_size=16384,
-        iterations=2000, max_wallclock_seconds=150.0, warmup_steps=0, warmdown_iters=200,
+        grad_accum_steps=1, iterations=2000, max_wallclock_seconds=150.0, warmup_steps=0, warmdown_iters=200,
         val_loss_every=0, train_log_every=25, val_tokens_limit=131072,
         matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03,
     ),

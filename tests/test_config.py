@@ -1,0 +1,54 @@
+"""Config resolution: preset → environment → CLI, and clear errors for bad values."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tgolf.config import PRESETS, Config, add_config_arguments, env_overrides, resolve_config
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_baseline_defaults_match_the_official_configuration():
+    cfg = resolve_config(_args(["--preset", "baseline"]), environ={})
+    assert (cfg.num_layers, cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.mlp_mult) == (9, 512, 8, 4, 2)
+    assert (cfg.train_batch_tokens, cfg.train_seq_len, cfg.warmdown_iters) == (524_288, 1024, 1200)
+    assert cfg.max_wallclock_seconds == 600.0 and cfg.vocab_size == 1024
+
+
+def test_preset_defaults_to_smoke_without_data_path_and_baseline_with_it():
+    assert resolve_config(_args([]), environ={}).model_dim == PRESETS["smoke"]["model_dim"]
+    assert resolve_config(_args([]), environ={"DATA_PATH": "/data"}).model_dim == 512
+
+
+def test_environment_overrides_preset_and_cli_overrides_environment():
+    env = {"SEED": "7", "ITERATIONS": "33", "TIE_EMBEDDINGS": "0", "MAX_WALLCLOCK_SECONDS": "12.5"}
+    cfg = resolve_config(_args(["--preset", "baseline", "--iterations", "44"]), environ=env)
+    assert cfg.seed == 7 and cfg.iterations == 44 and cfg.tie_embeddings is False
+    assert cfg.max_wallclock_seconds == 12.5
+
+
+def test_bad_environment_value_names_the_variable():
+    with pytest.raises(ValueError, match="SEED"):
+        env_overrides({"SEED": "abc"})
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("linear", "int3", "linear"), ("num_heads", 7, "num_heads"), ("train_batch_tokens", 1000, "train_batch_tokens"),
+    ("num_kv_heads", 3, "num_kv_heads"), ("iterations", 0, "iterations"),
+])
+def test_validate_names_the_field(field, value, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        Config(**{field: value}).validate()
+
+
+def test_dict_round_trip_and_unknown_fields():
+    cfg = Config(seed=3, linear="ternary")
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="bogus"):
+        Config.from_dict({"bogus": 1})

@@ -1,0 +1,169 @@
+"""Training loop: schedule, Muon, wall-clock cap, non-finite stop, checkpoints, SIGTERM and resume."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from tgolf.config import Config
+from tgolf.data.loader import TokenLoader
+from tgolf.model import build_model
+from tgolf.train import checkpoint
+from tgolf.train.distributed import DistEnv
+from tgolf.train.logging import RunLogger
+from tgolf.train.loop import NonFiniteLoss, Preempted, Trainer
+from tgolf.train.optim import Muon, split_parameters, zeropower_newton_schulz
+from tgolf.train.schedule import lr_scale
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+TINY = dict(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=1024, train_seq_len=32,
+            train_batch_tokens=256, grad_accum_steps=2, warmup_steps=0, val_loss_every=0, train_log_every=0,
+            max_wallclock_seconds=0.0, warmdown_iters=3, compile="off", device="cpu")
+
+
+def _trainer(tmp_path: Path, data: Path, **overrides) -> Trainer:
+    cfg = Config(**{**TINY, **overrides}).validate()
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg)
+    loader = TokenLoader(data, seed=cfg.seed, vocab_size=cfg.vocab_size)
+    return Trainer(cfg, CPU, model, loader, RunLogger(None), validate=lambda m: {}, run_dir=tmp_path)
+
+
+def _params(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.raw_model.parameters()]
+
+
+# --- schedule and optimizer ---------------------------------------------------------------------------------
+
+def test_time_keyed_warmdown_ends_at_the_budget():
+    kw = dict(iterations=10**9, warmdown_iters=100, max_wallclock_s=600.0)
+    assert lr_scale(0, 0.0, 0.5, **kw) == 1.0
+    assert lr_scale(0, 549.0, 0.5, **kw) == 1.0  # warmdown = 100 steps × 0.5 s = the last 50 s
+    assert lr_scale(0, 575.0, 0.5, **kw) == pytest.approx(0.5)
+    assert lr_scale(0, 600.0, 0.5, **kw) == 0.0
+    assert lr_scale(0, 575.0, 0.25, **kw) == 1.0  # faster steps: the warmdown starts later, still ends at 600 s
+
+
+def test_step_keyed_warmdown_without_a_cap():
+    kw = dict(iterations=100, warmdown_iters=10, max_wallclock_s=0.0)
+    assert [lr_scale(s, 0.0, 0.0, **kw) for s in (0, 89, 90, 95, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_newton_schulz_orthogonalises():
+    g = torch.randn(24, 40, dtype=torch.float64)
+    x = zeropower_newton_schulz(g, steps=10)
+    singular = torch.linalg.svdvals(x.double())
+    assert singular.min() > 0.5 and singular.max() < 1.5  # the quintic iteration lands near 1, not exactly
+
+
+def test_parameter_split_puts_block_matrices_in_muon():
+    model = build_model(Config(**TINY))
+    groups = split_parameters(model)
+    assert {id(p) for p in groups["embed"]} == {id(model.tok_emb.weight)}
+    assert all(p.ndim == 2 for p in groups["matrix"]) and len(groups["matrix"]) == 2 * 6
+    assert sum(map(len, groups.values())) == len(list(model.parameters()))
+
+
+def test_muon_step_moves_weights_by_lr_sized_orthogonal_update():
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    before = p.detach().clone()
+    p.grad = torch.randn(16, 16)
+    Muon([p], lr=0.1, momentum=0.0, nesterov=False).step()
+    delta = (before - p.detach()) / 0.1
+    assert torch.linalg.svdvals(delta).max() < 1.5 and delta.abs().sum() > 0
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+
+def test_runs_the_requested_steps_and_learns(tmp_path, tiny_shards):
+    trainer = _trainer(tmp_path, tiny_shards, iterations=12)
+    result = trainer.run()
+    assert result.steps == 12 and result.stopped_by == "iterations"
+    assert result.tokens == 12 * 256 and math.isfinite(result.last_loss)
+    assert result.last_loss < math.log(1024)  # below the uniform-prediction loss
+
+
+def test_wallclock_cap_holds(tmp_path, tiny_shards):
+    trainer = _trainer(tmp_path, tiny_shards, iterations=10**6, max_wallclock_seconds=2.0)
+    result = trainer.run()
+    assert result.stopped_by == "wallclock" and result.steps > 1
+    assert result.train_seconds <= 2.0 + 0.25
+
+
+def test_non_finite_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_shards):
+    trainer = _trainer(tmp_path, tiny_shards, iterations=20)
+    original = trainer.train_step
+    calls = {"n": 0}
+
+    def poisoned(batches):
+        calls["n"] += 1
+        loss = original(batches)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    trainer.train_step = poisoned
+    with pytest.raises(NonFiniteLoss, match=r"at step 4; last finite loss \d+\.\d+"):
+        trainer.run()
+
+
+def test_resume_continues_exactly(tmp_path, tiny_shards):
+    # no warmdown: a run cut at 5 of 8 iterations must follow the same schedule as the straight one
+    straight = _trainer(tmp_path / "a", tiny_shards, iterations=8, warmdown_iters=0)
+    straight.run()
+
+    first = _trainer(tmp_path / "b", tiny_shards, iterations=5, warmdown_iters=0)
+    first.run()
+    folder = first._save_checkpoint()
+    second = _trainer(tmp_path / "c", tiny_shards, iterations=8, warmdown_iters=0)
+    second.resume(str(folder))
+    assert second.step == 5
+    second.run()
+    for a, b in zip(_params(straight), _params(second)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, tiny_shards):
+    trainer = _trainer(tmp_path, tiny_shards, iterations=50)
+    original = trainer.loader.next_batch
+    calls = {"n": 0}
+
+    def next_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2 * 3:  # during step 3 (two micro-batches per step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    trainer.loader.next_batch = next_batch
+    with pytest.raises(Preempted):
+        trainer.run()
+    resumed = _trainer(tmp_path / "r", tiny_shards, iterations=6)
+    resumed.resume(str(tmp_path / "checkpoints"))
+    assert resumed.step == 3
+    assert resumed.run().steps == 6
+
+
+def test_resume_refuses_a_different_model(tmp_path, tiny_shards):
+    trainer = _trainer(tmp_path, tiny_shards, iterations=1)
+    trainer.run()
+    folder = trainer._save_checkpoint()
+    other = _trainer(tmp_path / "o", tiny_shards, iterations=2, model_dim=64)
+    with pytest.raises(ValueError, match="model_dim"):
+        other.resume(str(folder))
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        checkpoint.resolve(tmp_path)
+
+
+def test_warmup_restores_model_optimizer_and_data(tmp_path, tiny_shards):
+    trainer = _trainer(tmp_path, tiny_shards, iterations=3, warmup_steps=2)
+    before, loader_state = _params(trainer), trainer.loader.state_dict()
+    trainer.warmup()
+    assert trainer.loader.state_dict() == loader_state
+    for a, b in zip(before, _params(trainer)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(len(opt.state) == 0 for opt in trainer.optimizers)  # fresh optimizers again

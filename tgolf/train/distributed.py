@@ -1,0 +1,87 @@
+"""torchrun process-group setup: NCCL on GPUs, gloo on CPU; a single process needs no group at all."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device_pref: str = "auto") -> DistEnv:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK, pick the device, and start the process group if needed."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("config device='cuda' but no CUDA device is available")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        kwargs = {"device_id": device} if use_cuda else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=20), **kwargs)
+    return DistEnv(rank, world_size, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """Element-wise OR of ``flags`` over ranks, in one all-reduce (so all ranks stop at the same step)."""
+    if not dist.is_initialized():
+        return list(flags)
+    t = torch.tensor([1 if f else 0 for f in flags], device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def check_replicas_agree(model: torch.nn.Module, device: torch.device) -> None:
+    """Raise if the model's parameters differ between ranks (a desynchronised DDP run must not be exported)."""
+    if not dist.is_initialized():
+        return
+    with torch.no_grad():
+        local = torch.stack([p.detach().double().sum() for p in model.parameters()]).to(device)
+    lo, hi = local.clone(), local.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        bad = int((lo != hi).nonzero()[0])
+        raise RuntimeError(f"ranks disagree on parameter #{bad} after training: replicas desynchronised")

@@ -1,0 +1,280 @@
+"""The timed training loop: compile warm-up (then restored), steps inside the wall-clock budget, periodic
+validation, checkpoints on a timer and on SIGTERM, and a clean stop on a non-finite loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tgolf.config import Config
+from tgolf.profile.ranges import nvtx_range
+from tgolf.train import checkpoint, distributed
+from tgolf.train.distributed import DistEnv
+from tgolf.train.logging import RunLogger
+from tgolf.train.optim import apply_schedule, build_optimizers, muon_momentum
+from tgolf.train.schedule import lr_scale
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Preempted(RuntimeError):
+    """Raised after the SIGTERM checkpoint is written, so the caller exits without exporting."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    last_loss: float
+    tokens: int
+    val_history: list[dict] = field(default_factory=list)
+    stopped_by: str = "iterations"  # iterations | wallclock
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    if cfg.grad_accum_steps > 0:
+        return cfg.grad_accum_steps
+    if 8 % world_size:
+        raise ValueError(f"world_size={world_size} must divide 8 when grad_accum_steps=0 (the baseline rule); "
+                         "set --grad-accum-steps")
+    return 8 // world_size
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs (fp32 master weights); plain fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def use_compile(cfg: Config, device: torch.device) -> bool:
+    return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+
+
+def make_train_step(cfg: Config, model: nn.Module, env: DistEnv, accum: int) -> Callable[[list], torch.Tensor]:
+    """step(micro_batches) runs forward and backward over ``accum`` (x, y) pairs; returns the mean loss (tensor)."""
+    ddp = isinstance(model, DistributedDataParallel)
+
+    def step(micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        total = torch.zeros((), device=env.device)
+        for i, (x, y) in enumerate(micro_batches):
+            sync = not ddp or i == len(micro_batches) - 1
+            with (contextlib.nullcontext() if sync else model.no_sync()):
+                with nvtx_range("forward"), autocast_context(env.device):
+                    loss = model(x, y)
+                with nvtx_range("backward"):
+                    (loss / len(micro_batches)).backward()
+            total += loss.detach()
+        return total / len(micro_batches)
+
+    return step
+
+
+class _SigtermFlag:
+    """Sets a flag on SIGTERM (torchrun and schedulers send it) instead of dying mid-step."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def __enter__(self) -> "_SigtermFlag":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, loader, logger: RunLogger,
+                 validate: Callable[[nn.Module], dict], run_dir: Path):
+        self.cfg, self.env, self.loader, self.logger = cfg, env, loader, logger
+        self.validate, self.run_dir = validate, run_dir
+        self.raw_model = model
+        self.optimizers = build_optimizers(cfg, model)
+        self.accum = grad_accum_steps(cfg, env.world_size)
+        micro_tokens = cfg.train_batch_tokens // (env.world_size * self.accum)
+        if micro_tokens < cfg.train_seq_len or micro_tokens % cfg.train_seq_len:
+            raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} over world_size={env.world_size} × "
+                             f"grad_accum_steps={self.accum} gives {micro_tokens} tokens per micro-batch, "
+                             f"not a positive multiple of train_seq_len={cfg.train_seq_len}")
+        net = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(cfg, env.device) else model
+        if env.enabled:
+            net = DistributedDataParallel(net, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+        self.model = net
+        self.train_step = make_train_step(cfg, net, env, self.accum)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.last_finite_loss = math.nan
+        self.nonfinite: tuple[int, float] | None = None
+
+    # --- pieces -------------------------------------------------------------------------------
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        with nvtx_range("data"):
+            return [self.loader.next_batch(self.cfg.train_batch_tokens, self.cfg.train_seq_len, self.accum,
+                                           self.env.device) for _ in range(self.accum)]
+
+    def _optimizer_step(self, scale: float) -> None:
+        with nvtx_range("optimizer"):
+            apply_schedule(self.optimizers, scale, muon_momentum(self.cfg, self.step))
+            if self.cfg.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip_norm)
+            for opt in self.optimizers:
+                opt.step()
+            for opt in self.optimizers:
+                opt.zero_grad(set_to_none=True)
+
+    def _check_finite(self, step: int, loss: float) -> None:
+        """Remember the first non-finite loss; the loop stops every rank at its next step boundary."""
+        if math.isfinite(loss):
+            self.last_finite_loss = loss
+        elif self.nonfinite is None:
+            self.nonfinite = (step, loss)
+
+    def _nonfinite_error(self) -> NonFiniteLoss:
+        last = "none yet" if math.isnan(self.last_finite_loss) else f"{self.last_finite_loss:.4f}"
+        if self.nonfinite is None:
+            return NonFiniteLoss(f"non-finite training loss on another rank; this rank's last finite loss {last}")
+        step, loss = self.nonfinite
+        return NonFiniteLoss(f"non-finite training loss {loss} at step {step}; last finite loss {last}")
+
+    def _save_checkpoint(self) -> Path:
+        model_state = {k: v.detach().cpu() for k, v in self.raw_model.state_dict().items()}
+        return checkpoint.save(self.run_dir / "checkpoints", rank=self.env.rank, world_size=self.env.world_size,
+                               step=self.step, train_seconds=self.train_seconds, config=self.cfg.to_dict(),
+                               model_state=model_state, optimizer_states=[o.state_dict() for o in self.optimizers],
+                               loader_state=self.loader.state_dict(), barrier=distributed.barrier)
+
+    def resume(self, path: str) -> None:
+        ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
+        mine, theirs = self.cfg.to_dict(), ckpt.config
+        ignored = {"resume", "max_wallclock_seconds", "iterations", "checkpoint_every", "submission_dir",
+                   "val_loss_every", "train_log_every", "out_dir", "compile", "device"}
+        differing = sorted(k for k in mine if k not in ignored and mine[k] != theirs.get(k))
+        if differing:
+            raise ValueError(f"--resume {path}: config differs from the checkpoint's in {differing}")
+        self.raw_model.load_state_dict(ckpt.model)
+        for opt, state in zip(self.optimizers, ckpt.optimizers):
+            opt.load_state_dict(state)
+        self.loader.load_state_dict(ckpt.loader)
+        checkpoint.restore_rng(ckpt.rng)
+        self.step, self.train_seconds = ckpt.step, ckpt.train_seconds
+        self.logger.log(f"resumed from {checkpoint.resolve(path)} at step {self.step}, "
+                        f"train_time:{1000 * self.train_seconds:.0f}ms")
+
+    def warmup(self) -> None:
+        """Run ``warmup_steps`` steps to compile and warm kernels, then restore model, optimizers and data."""
+        if self.cfg.warmup_steps <= 0:
+            return
+        saved_model = copy.deepcopy(self.raw_model.state_dict())
+        saved_opts = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
+        saved_loader = copy.deepcopy(self.loader.state_dict())
+        t0 = time.perf_counter()
+        for _ in range(self.cfg.warmup_steps):
+            self.train_step(self._micro_batches())
+            self._optimizer_step(1.0)
+        if self.env.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.raw_model.load_state_dict(saved_model)
+        for opt, state in zip(self.optimizers, saved_opts):
+            opt.load_state_dict(state)
+        self.loader.load_state_dict(saved_loader)
+        self.logger.log(f"warmup: {self.cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
+                        "(not counted; model, optimizer and data state restored)")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        budget = cfg.max_wallclock_seconds
+        history: list[dict] = []
+        pending: tuple[int, torch.Tensor] | None = None  # last step's loss, read one step late (no GPU stall)
+        last_ckpt = time.perf_counter()
+        stopped_by = "iterations"
+        start_step, start_seconds = self.step, self.train_seconds
+        progress = self.logger.progress(total=cfg.iterations, initial=self.step)
+        with _SigtermFlag() as sigterm:
+            segment_start = time.perf_counter()
+            while self.step < cfg.iterations:
+                elapsed = self.train_seconds + time.perf_counter() - segment_start
+                done = self.step - start_step
+                mean_step = (elapsed - start_seconds) / done if done else 0.0
+                over_budget = budget > 0 and elapsed + mean_step > budget
+                bad, term, over = distributed.any_rank(
+                    [self.nonfinite is not None, sigterm.raised, over_budget], env.device)
+                if bad:
+                    raise self._nonfinite_error()
+                if term or over:
+                    if term:
+                        self.train_seconds = elapsed
+                        folder = self._save_checkpoint()
+                        self.logger.log(f"SIGTERM: checkpoint written to {folder} at step {self.step}; "
+                                        f"resume with --resume {folder}")
+                        raise Preempted(f"stopped by SIGTERM at step {self.step}")
+                    stopped_by = "wallclock"
+                    break
+                scale = lr_scale(self.step, elapsed, mean_step, iterations=cfg.iterations,
+                                 warmdown_iters=cfg.warmdown_iters, max_wallclock_s=budget)
+                loss = self.train_step(self._micro_batches())
+                self._optimizer_step(scale)
+                if pending is not None:
+                    self._check_finite(pending[0], pending[1].item())
+                pending = (self.step + 1, loss)
+                self.step += 1
+                progress.update(1)
+                now = time.perf_counter()
+                log_now = cfg.train_log_every > 0 and (self.step % cfg.train_log_every == 0 or self.step <= 10)
+                val_now = cfg.val_loss_every > 0 and self.step % cfg.val_loss_every == 0
+                ckpt_now = cfg.checkpoint_every > 0 and now - last_ckpt >= 60 * cfg.checkpoint_every
+                if log_now or val_now or ckpt_now:
+                    value = pending[1].item()
+                    self._check_finite(pending[0], value)
+                    pending = None
+                    self.train_seconds += now - segment_start
+                    ms = 1000 * self.train_seconds
+                    avg = (self.train_seconds - start_seconds) / (self.step - start_step)
+                    progress.set_postfix(loss=f"{value:.4f}")
+                    if log_now:
+                        self.logger.log(f"step:{self.step}/{cfg.iterations} train_loss:{value:.4f} "
+                                        f"train_time:{ms:.0f}ms step_avg:{1000 * avg:.2f}ms")
+                    if val_now:
+                        result = self.validate(self.raw_model)
+                        history.append({"step": self.step, "train_seconds": self.train_seconds, **result})
+                        self.logger.log(f"step:{self.step}/{cfg.iterations} val_loss:{result['val_loss']:.4f} "
+                                        f"val_bpb:{result['val_bpb']:.4f} train_time:{ms:.0f}ms "
+                                        f"step_avg:{1000 * avg:.2f}ms")
+                    if ckpt_now:
+                        self._save_checkpoint()
+                        last_ckpt = time.perf_counter()
+                    segment_start = time.perf_counter()  # validation and checkpoints are not training time
+            if pending is not None:
+                self._check_finite(pending[0], pending[1].item())
+            if distributed.any_rank([self.nonfinite is not None], env.device)[0]:
+                raise self._nonfinite_error()
+            if env.device.type == "cuda":
+                torch.cuda.synchronize()  # the queued GPU work is training time too
+            self.train_seconds += time.perf_counter() - segment_start
+        progress.close()
+        tokens = (self.step - start_step) * cfg.train_batch_tokens
+        self.logger.log(f"stopped at step:{self.step}/{cfg.iterations} ({stopped_by}) "
+                        f"train_time:{1000 * self.train_seconds:.0f}ms")
+        return TrainResult(steps=self.step, train_seconds=self.train_seconds, last_loss=self.last_finite_loss,
+                           tokens=tokens, val_history=history, stopped_by=stopped_by)

@@ -1,0 +1,111 @@
+"""Muon for the 2-D matrices of the blocks, Adam for embeddings, head and scalars (as the baseline).
+
+Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers"): SGD momentum whose update is
+orthogonalised by a quintic Newton–Schulz iteration. Under DDP each rank orthogonalises a disjoint
+share of the matrices and one all-reduce of a flat buffer gives every rank every update.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# Quintic Newton–Schulz coefficients tuned for fast convergence of the singular values towards 1 (Muon).
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U·Vᵀ of g = U·S·Vᵀ; bf16 on GPUs (as Muon does), fp32 on the CPU."""
+    a, b, c = _NS_COEFFS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + eps)
+    transposed = g.size(0) > g.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16
+                               if params[0].is_cuda else torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank:
+                    state = self.state[p]
+                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    update = zeropower_newton_schulz(update, group["backend_steps"])
+                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS across aspect ratios
+                    flat[offset: offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(flat[offset: offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Group parameters as the baseline: block matrices (Muon), embedding, untied head, scalars/vectors (Adam)."""
+    groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if name.startswith("tok_emb."):
+            groups["embed"].append(p)
+        elif name.startswith("lm_head."):
+            groups["head"].append(p)
+        elif p.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):  # not resid_mix etc.
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(cfg, model: nn.Module) -> list[torch.optim.Optimizer]:
+    """Adam (embedding, head, scalars) + Muon (matrices). Each param group remembers its ``base_lr``."""
+    groups = split_parameters(model)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    adam_groups = [
+        {"params": groups["embed"], "lr": cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr},
+        {"params": groups["head"], "lr": cfg.head_lr},
+        {"params": groups["scalar"], "lr": cfg.scalar_lr},
+    ]
+    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.adam_eps, **fused)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
+    optimizers: list[torch.optim.Optimizer] = [adam, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+def muon_momentum(cfg, step: int) -> float:
+    """Momentum warm-up from muon_momentum_warmup_start to muon_momentum over the first steps (baseline)."""
+    if cfg.muon_momentum_warmup_steps <= 0:
+        return cfg.muon_momentum
+    frac = min(step / cfg.muon_momentum_warmup_steps, 1.0)
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def apply_schedule(optimizers: list[torch.optim.Optimizer], lr_scale: float, momentum: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_scale
+            if isinstance(opt, Muon):
+                group["momentum"] = momentum

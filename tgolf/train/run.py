@@ -1,0 +1,140 @@
+"""The whole contest run in one call: data → training → pre-export val_bpb → artifact (quantize, compress,
+count bytes, 16 MB guard) → roundtrip val_bpb of the model reloaded from disk → summary.json → submission.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tgolf.config import Config
+from tgolf.model import build_model, count_parameters
+from tgolf.train import distributed
+from tgolf.train.distributed import DistEnv
+from tgolf.train.logging import RunLogger
+from tgolf.train.loop import Trainer
+
+
+def resolve_data(cfg: Config, env: DistEnv, logger: RunLogger) -> tuple[str, str]:
+    """The shards folder and tokenizer; without DATA_PATH, the embedded default corpus (prepared once, cached)."""
+    if cfg.data_path:
+        tokenizer = cfg.tokenizer_path or str(Path(cfg.data_path) / "tokenizer.model")
+        if not Path(tokenizer).is_file():
+            raise FileNotFoundError(f"tokenizer_path {tokenizer!r} does not exist (set TOKENIZER_PATH or --tokenizer-path)")
+        return cfg.data_path, tokenizer
+    from tgolf.data.corpus import prepare_default_data
+
+    cache = Path(cfg.out_dir) / "default_data"
+    if env.is_main:
+        logger.log(f"no DATA_PATH: preparing the embedded default corpus (Python standard library sources) in {cache}")
+        paths = prepare_default_data(cache, vocab_size=cfg.vocab_size)
+    distributed.barrier()
+    if not env.is_main:
+        paths = prepare_default_data(cache, vocab_size=cfg.vocab_size)  # cached by now: only reads
+    return str(paths[0]), str(paths[1])
+
+
+def hardware_name(device: torch.device, world_size: int) -> str:
+    if device.type == "cuda":
+        return f"{world_size}x {torch.cuda.get_device_name(device)}"
+    return f"{world_size}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    from tgolf.data.loader import TokenLoader, load_val_tokens
+    from tgolf.data.tokenizer import build_byte_tables
+    from tgolf.eval.bpb import evaluate
+    from tgolf.export import check_budget, load_artifact, write_artifact, write_submission
+
+    wall_start = time.perf_counter()
+    env = distributed.setup(cfg.device)
+    run_dir = Path(cfg.out_dir) / cfg.run_id
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    logger = RunLogger(run_dir / "train.log", enabled=env.is_main)
+    try:
+        torch.manual_seed(cfg.seed)
+        data_path, tokenizer_path = resolve_data(cfg, env, logger)
+        tables = build_byte_tables(tokenizer_path, cfg.vocab_size)
+        eval_seq_len = cfg.eval_seq_len or cfg.train_seq_len
+        val_tokens = load_val_tokens(data_path, eval_seq_len, cfg.val_tokens_limit, cfg.vocab_size)
+        loader = TokenLoader(data_path, env.rank, env.world_size, seed=cfg.seed, vocab_size=cfg.vocab_size)
+
+        model = build_model(cfg).to(env.device)
+        params = count_parameters(model)
+        logger.log(f"run {cfg.run_id}: {params:,} parameters, device {hardware_name(env.device, env.world_size)}, "
+                   f"data {data_path}, tokenizer {tokenizer_path}, val tokens {val_tokens.numel() - 1:,}")
+        logger.log("config: " + json.dumps(cfg.to_dict(), sort_keys=True))
+
+        def validate(m: torch.nn.Module, stride: int = 0) -> dict:
+            result = evaluate(m, val_tokens, eval_seq_len, cfg.val_batch_size, tables, env.device,
+                              rank=env.rank, world_size=env.world_size, stride=stride)
+            return {"val_loss": result.val_loss, "val_bpb": result.val_bpb, "val_tokens": result.tokens,
+                    "val_bytes": result.bytes, "eval_seconds": result.seconds}
+
+        trainer = Trainer(cfg, env, model, loader, logger, validate, run_dir)
+        if cfg.resume:
+            trainer.resume(cfg.resume)
+        else:
+            trainer.warmup()
+        result = trainer.run()
+        distributed.check_replicas_agree(model, env.device)
+        if env.enabled:
+            logger.log(f"all {env.world_size} ranks agree on the trained parameters")
+        peak_mem = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else 0
+
+        pre = validate(model, cfg.eval_stride)
+        logger.log(f"pre-export val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} "
+                   f"eval_time:{1000 * pre['eval_seconds']:.0f}ms")
+
+        artifact_path = run_dir / "model.tgolf"
+        info = None
+        if env.is_main:
+            info = write_artifact(artifact_path, model, cfg.to_dict(), scheme=cfg.export_scheme,
+                                  compressor=cfg.compressor, overwrite=True)
+            logger.log(f"artifact {artifact_path}: model {info.model_bytes:,} B ({info.compressor}) + code "
+                       f"{info.code_bytes:,} B = {info.artifact_bytes:,} B (limit {cfg.max_artifact_bytes:,})")
+        info = distributed.broadcast_object(info)
+        roundtrip_model, _ = load_artifact(artifact_path, env.device)
+        post = validate(roundtrip_model, cfg.eval_stride)
+        logger.log(f"roundtrip val_loss:{post['val_loss']:.4f} val_bpb:{post['val_bpb']:.4f} "
+                   f"(gap {post['val_bpb'] - pre['val_bpb']:+.4f}) eval_time:{1000 * post['eval_seconds']:.0f}ms")
+
+        summary = {
+            "run_id": cfg.run_id,
+            "val_bpb": pre["val_bpb"], "val_loss": pre["val_loss"],
+            "val_tokens": pre["val_tokens"], "val_bytes": pre["val_bytes"],
+            "roundtrip_val_bpb": post["val_bpb"], "roundtrip_val_loss": post["val_loss"],
+            "quantization_gap_bpb": post["val_bpb"] - pre["val_bpb"],
+            "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
+            "compressor": info.compressor, "artifact_path": str(artifact_path),
+            "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
+            "train_seconds": result.train_seconds,
+            "tokens_per_second": result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
+            "step_ms": 1000 * result.train_seconds / max(result.steps, 1),
+            "eval_seconds": pre["eval_seconds"] + post["eval_seconds"],
+            "peak_memory_bytes": peak_mem,
+            "wall_seconds": time.perf_counter() - wall_start,
+            "hardware": hardware_name(env.device, env.world_size), "world_size": env.world_size,
+            "torch": torch.__version__, "val_history": result.val_history,
+            "data_path": data_path, "tokenizer_path": tokenizer_path,
+            "config": cfg.to_dict(),
+        }
+        if env.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            check_budget(info, cfg.max_artifact_bytes)  # fails loudly before any submission is written
+            if cfg.submission_dir:
+                write_submission(cfg.submission_dir, summary, run_dir / "train.log", cfg.to_dict())
+                logger.log(f"submission written to {cfg.submission_dir}")
+            logger.log(f"final val_bpb:{summary['val_bpb']:.4f} roundtrip_val_bpb:{summary['roundtrip_val_bpb']:.4f} "
+                       f"artifact_bytes:{summary['artifact_bytes']:,} summary {run_dir / 'summary.json'}")
+        return summary
+    finally:
+        logger.close()
+        distributed.teardown()
