@@ -5,7 +5,6 @@ is made in one place and reported by ``python -m tgolf.info``.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -27,22 +26,30 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+# Probed once per process. A plain dict rather than functools.lru_cache: Dynamo traces dict lookups
+# inside compiled regions without the warning it gives for lru_cache-wrapped functions.
+_PROBES: dict[str, object] = {}
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "triton" not in _PROBES:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _PROBES["triton"] = False
+        else:
+            _PROBES["triton"] = True
+    return bool(_PROBES["triton"])
 
 
-@functools.lru_cache(maxsize=None)
 def cuda_extension():
     """The compiled ``tgolf._C`` module, or None when it was not built (see tgolf_build.py)."""
-    try:
-        return importlib.import_module("tgolf._C")
-    except ImportError:
-        return None
+    if "cuda_ext" not in _PROBES:
+        try:
+            _PROBES["cuda_ext"] = importlib.import_module("tgolf._C")
+        except ImportError:
+            _PROBES["cuda_ext"] = None
+    return _PROBES["cuda_ext"]
 
 
 def cuda_op(name: str) -> Callable | None:

@@ -16,6 +16,8 @@ MLP_KINDS = ("reference", "fused")
 ATTENTION_KINDS = ("softmax", "linear", "hybrid")
 LOSS_KINDS = ("reference", "fused")
 ACTIVATIONS = ("relu2", "leaky_relu2")
+FEATURE_MAPS = ("identity", "elu1", "relu", "taylor", "hedgehog")  # tgolf.ops.linear_attention.feature_maps
+LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int6", "int5")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
 
@@ -66,6 +68,8 @@ class Config:
     negative_slope: float = 0.5  # for leaky_relu2
     attention: str = "softmax"  # softmax | linear | hybrid
     attention_window: int = 256  # sliding-window width of the hybrid attention
+    linear_feature_map: str = "identity"  # linear/hybrid attention: identity | elu1 | relu | taylor | hedgehog
+    linear_decay: str = "head"  # linear/hybrid attention: none | head (per-head constant) | token (per-token gate)
     loss: str = "reference"  # reference | fused
 
     # --- optimizer --------------------------------------------------------------------------
@@ -105,6 +109,7 @@ class Config:
             "linear": LINEAR_KINDS, "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
+            "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

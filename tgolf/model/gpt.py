@@ -34,6 +34,8 @@ class ModelConfig:
     negative_slope: float = 0.5
     attention: str = "softmax"
     attention_window: int = 256
+    linear_feature_map: str = "identity"
+    linear_decay: str = "head"
     loss: str = "reference"
 
     @classmethod
@@ -48,7 +50,8 @@ class Block(nn.Module):
         dim = mc.model_dim
         self.attn = make_attention(mc.attention, dim, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                                    rope_base=mc.rope_base, qk_gain_init=mc.qk_gain_init, linear=mc.linear,
-                                   window=mc.attention_window)
+                                   window=mc.attention_window, feature_map=mc.linear_feature_map,
+                                   decay=mc.linear_decay)
         self.mlp = make_mlp(mc.mlp, dim, mc.mlp_mult * dim, activation=mc.mlp_activation,
                             negative_slope=mc.negative_slope, linear=mc.linear)
         self.attn_scale = nn.Parameter(torch.ones(dim))

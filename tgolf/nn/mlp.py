@@ -3,18 +3,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tgolf.nn import make_linear
+from tgolf.ops.mlp import fused_mlp
+from tgolf.ops.mlp.reference import squared_activation
 
-
-def squared_activation(x: torch.Tensor, activation: str, negative_slope: float = 0.5) -> torch.Tensor:
-    """relu(x)² or leaky_relu(x, slope)²."""
-    if activation == "relu2":
-        return F.relu(x).square()
-    if activation == "leaky_relu2":
-        return F.leaky_relu(x, negative_slope).square()
-    raise ValueError(f"activation {activation!r}: expected 'relu2' or 'leaky_relu2'")
+__all__ = ["MLP", "FusedMLP", "squared_activation"]
 
 
 class MLP(nn.Module):
@@ -31,3 +25,27 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(squared_activation(self.fc(x), self.activation, self.negative_slope))
+
+
+def _plain_linear(module: nn.Module) -> bool:
+    # Exactly nn.Linear without bias: a subclass (a quantized drop-in) has its own forward that must run.
+    return type(module) is nn.Linear and module.bias is None
+
+
+class FusedMLP(MLP):
+    """MLP with the up-projection and squared activation fused in one Triton GEMM (see tgolf.ops.mlp).
+
+    Same constructor, parameters and state dict as :class:`MLP`. The fused op needs plain weights, so it runs
+    when ``fc`` and ``proj`` are bias-free ``nn.Linear`` (``linear="bf16"``); with a quantized linear
+    (qat4..qat8, fp8, ternary) the module's own linears run and the activation is the reference composition,
+    which torch.compile fuses into one elementwise kernel. Under autocast the op runs in the autocast dtype,
+    as ``nn.Linear`` would.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (_plain_linear(self.fc) and _plain_linear(self.proj)):
+            return super().forward(x)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return fused_mlp(x.to(dtype), self.fc.weight.to(dtype), self.proj.weight.to(dtype), self.activation,
+                         self.negative_slope)

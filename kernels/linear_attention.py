@@ -1,0 +1,403 @@
+"""Triton kernels for causal linear attention with log-space decay (chunked and recurrent forms).
+
+Meaning (see tgolf/ops/linear_attention/reference.py): o_t = scale · Σ_{s≤t} exp(g_{s+1}+…+g_t) (q_t·k_s) v_s,
+with a state S carried from chunk to chunk. Every tensor arrives packed: q [Ttot, H, Dk], k [Ttot, Hkv, Dk],
+v [Ttot, Hkv, Dv], g [Ttot, H] float32 log decay; independent sequences are delimited by ``cu`` (int32 [N+1]) and
+chunk ``c`` of sequence ``n`` has the global index ``coff[n] + c`` (``coff``, int32 [N+1], counts chunks).
+
+Chunked algorithm, for one chunk with chunk-local cumulative log decay b_t (b at the chunk's last token: b_L):
+    o = scale · (exp(b) ⊙ q) S_in + scale · ((q kᵀ) ⊙ exp(b_t − b_s)[s≤t]) v
+    S_out = exp(b_L) S_in + (exp(b_L − b) ⊙ k)ᵀ v
+Every exponent is ≤ 0, so nothing overflows however strong the decay. Launches:
+    forward:  state pass (sequential over chunks, parallel over sequences × heads × Dk/Dv blocks)
+              + output pass (parallel over chunks × heads × Dv blocks)
+    backward: state pass again (recomputes the chunk-entry states instead of keeping them)
+              + reverse state-gradient pass + one fused dq/dk/dv/dG pass parallel over chunks × heads.
+The per-token decay gradient comes from dG_t = q_t·dq_t − k_t·dk_t (gradient w.r.t. the cumulative log decay),
+whose reverse cumulative sum the op takes in PyTorch.
+
+Dots run in the inputs' dtype with fp32 accumulation; ``DOT_DTYPE=float32`` with ``PREC="ieee"`` gives exact fp32
+dots (fp32 inputs, and the CPU interpreter, where bf16 tl.dot is wrong: triton issue 11584).
+Block sizes are fixed by the launch helpers (no autotuning): chunk BT, Dk block BK ≤ 128, Dv block BV ≤ 64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), input_precision=PREC)
+
+
+@triton.jit
+def _chunk_decay(g_ptr, offs_t, mask_t, i_h, H):
+    """Chunk-local cumulative log decay b [BT] and its last value b_L (padding rows add nothing)."""
+    gc = tl.load(g_ptr + offs_t * H + i_h, mask=mask_t, other=0.0).to(tl.float32)
+    return tl.cumsum(gc, 0), tl.sum(gc, 0)
+
+
+@triton.jit
+def _chunk_ids(ctab_ptr, cu_ptr, i_c, BT: tl.constexpr):
+    """(sequence index, first token, end token) of global chunk i_c; sequence −1 marks an unused slot."""
+    i_n = tl.load(ctab_ptr + 2 * i_c)
+    c = tl.load(ctab_ptr + 2 * i_c + 1)
+    bos = tl.load(cu_ptr + tl.maximum(i_n, 0))
+    eos = tl.load(cu_ptr + tl.maximum(i_n, 0) + 1)
+    return i_n, bos + c * BT, eos
+
+
+@triton.jit
+def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, coff_ptr,
+                           H, HKV, DK, DV,
+                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """h[coff[n] + c] = state entering chunk c of sequence n; ht[n] = state after the sequence."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hkv = i_h // (H // HKV)
+    bos = tl.load(cu_ptr + i_n)
+    eos = tl.load(cu_ptr + i_n + 1)
+    c0 = tl.load(coff_ptr + i_n)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    for c in range(0, n_chunks):
+        tl.store(h_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
+        offs_t = bos + c * BT + tl.arange(0, BT)
+        mask_t = offs_t < eos
+        kt = tl.load(k_ptr + offs_t[None, :].to(tl.int64) * HKV * DK + i_hkv * DK + offs_k[:, None],
+                     mask=mask_t[None, :] & (offs_k[:, None] < DK), other=0.0)
+        vv = tl.load(v_ptr + offs_t[:, None].to(tl.int64) * HKV * DV + i_hkv * DV + offs_v[None, :],
+                     mask=mask_t[:, None] & (offs_v[None, :] < DV), other=0.0)
+        if HAS_G:
+            b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
+            state = state * tl.exp(b_last)
+            kt = kt.to(tl.float32) * tl.exp(b_last - b)[None, :]
+        state += _mm(kt, vv, DOT_DTYPE, PREC)
+    tl.store(ht_ptr + i_n * H * DK * DV + state_offs, state, mask=mask_kv)
+
+
+@triton.jit
+def chunk_out_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, cu_ptr, ctab_ptr, scale,
+                         H, HKV, DK, DV,
+                         BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
+                         HAS_G: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """o for one (Dv block, chunk, head): inter-chunk part from h plus the masked intra-chunk quadratic part."""
+    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, t0, eos = _chunk_ids(ctab_ptr, cu_ptr, i_c, BT)
+    if i_n < 0:
+        return
+    i_hkv = i_h // (H // HKV)
+    offs_t = t0 + tl.arange(0, BT)
+    mask_t = offs_t < eos
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_v = offs_v < DV
+    acc = tl.zeros([BT, BV], dtype=tl.float32)
+    scores = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(0, NK):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        mask_k = offs_k < DK
+        qq = tl.load(q_ptr + offs_t[:, None].to(tl.int64) * H * DK + i_h * DK + offs_k[None, :],
+                     mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+        kt = tl.load(k_ptr + offs_t[None, :].to(tl.int64) * HKV * DK + i_hkv * DK + offs_k[:, None],
+                     mask=mask_t[None, :] & mask_k[:, None], other=0.0)
+        hh = tl.load(h_ptr + i_c.to(tl.int64) * H * DK * DV + (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :],
+                     mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+        acc += _mm(qq, hh, DOT_DTYPE, PREC)
+        scores += _mm(qq, kt, DOT_DTYPE, PREC)
+    rows = tl.arange(0, BT)
+    causal = (rows[:, None] >= rows[None, :]) & mask_t[None, :]
+    if HAS_G:
+        b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
+        acc = acc * tl.exp(b)[:, None]
+        scores = scores * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+    scores = tl.where(causal, scores, 0.0)
+    vv = tl.load(v_ptr + offs_t[:, None].to(tl.int64) * HKV * DV + i_hkv * DV + offs_v[None, :],
+                 mask=mask_t[:, None] & mask_v[None, :], other=0.0)
+    acc += _mm(scores, vv, DOT_DTYPE, PREC)
+    tl.store(o_ptr + offs_t[:, None].to(tl.int64) * H * DV + i_h * DV + offs_v[None, :],
+             (acc * scale).to(o_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
+
+
+@triton.jit
+def chunk_state_bwd_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, coff_ptr, scale,
+                           H, DK, DV,
+                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                           HAS_G: tl.constexpr, HAS_DHT: tl.constexpr,
+                           DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """dh[coff[n] + c] = gradient w.r.t. the state leaving chunk c; dh0[n] = gradient w.r.t. the initial state."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos = tl.load(cu_ptr + i_n)
+    eos = tl.load(cu_ptr + i_n + 1)
+    c0 = tl.load(coff_ptr + i_n)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    dstate = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        dstate += tl.load(dht_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        tl.store(dh_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, dstate, mask=mask_kv)
+        offs_t = bos + c * BT + tl.arange(0, BT)
+        mask_t = offs_t < eos
+        qt = tl.load(q_ptr + offs_t[None, :].to(tl.int64) * H * DK + i_h * DK + offs_k[:, None],
+                     mask=mask_t[None, :] & (offs_k[:, None] < DK), other=0.0)
+        dd = tl.load(do_ptr + offs_t[:, None].to(tl.int64) * H * DV + i_h * DV + offs_v[None, :],
+                     mask=mask_t[:, None] & (offs_v[None, :] < DV), other=0.0)
+        if HAS_G:
+            b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
+            dstate = dstate * tl.exp(b_last)
+            qt = qt.to(tl.float32) * tl.exp(b)[None, :]
+        dstate += _mm(qt, dd, DOT_DTYPE, PREC) * scale
+    tl.store(dh0_ptr + i_n * H * DK * DV + state_offs, dstate, mask=mask_kv)
+
+
+@triton.jit
+def chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, do_ptr, dh_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                     cu_ptr, ctab_ptr, scale,
+                     H, HKV, DK, DV,
+                     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr, NV: tl.constexpr,
+                     HAS_G: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk, dv (per query head) and dG_t = q_t·dq_t − k_t·dk_t for one (chunk, head)."""
+    i_c, i_h = tl.program_id(0), tl.program_id(1)
+    i_n, t0, eos = _chunk_ids(ctab_ptr, cu_ptr, i_c, BT)
+    if i_n < 0:
+        return
+    i_hkv = i_h // (H // HKV)
+    offs_t = t0 + tl.arange(0, BT)
+    mask_t = offs_t < eos
+    rows = tl.arange(0, BT)
+    causal = (rows[:, None] >= rows[None, :]) & mask_t[None, :] & mask_t[:, None]
+    tok_q = offs_t.to(tl.int64) * H
+    tok_kv = offs_t.to(tl.int64) * HKV
+    state_base = i_c.to(tl.int64) * H * DK * DV + i_h * DK * DV
+    scores = tl.zeros([BT, BT], dtype=tl.float32)  # A_ts = scale · q_t·k_s · decay
+    dscores = tl.zeros([BT, BT], dtype=tl.float32)  # dA_ts = scale · do_t·v_s · decay
+    for i_k in range(0, NK):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        mk = mask_t[:, None] & (offs_k[None, :] < DK)
+        qq = tl.load(q_ptr + tok_q[:, None] * DK + i_h * DK + offs_k[None, :], mask=mk, other=0.0)
+        kk = tl.load(k_ptr + tok_kv[:, None] * DK + i_hkv * DK + offs_k[None, :], mask=mk, other=0.0)
+        scores += _mm(qq, tl.trans(kk), DOT_DTYPE, PREC)
+    for i_v in range(0, NV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mv = mask_t[:, None] & (offs_v[None, :] < DV)
+        dd = tl.load(do_ptr + tok_q[:, None] * DV + i_h * DV + offs_v[None, :], mask=mv, other=0.0)
+        vv = tl.load(v_ptr + tok_kv[:, None] * DV + i_hkv * DV + offs_v[None, :], mask=mv, other=0.0)
+        dscores += _mm(dd, tl.trans(vv), DOT_DTYPE, PREC)
+    if HAS_G:
+        b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
+        decay = tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+        scores = scores * decay
+        dscores = dscores * decay
+        q_decay = tl.exp(b)
+        k_decay = tl.exp(b_last - b)
+    else:
+        q_decay = tl.full([BT], 1.0, tl.float32)
+        k_decay = tl.full([BT], 1.0, tl.float32)
+    scores = tl.where(causal, scores * scale, 0.0)
+    dscores = tl.where(causal, dscores * scale, 0.0)
+    for i_v in range(0, NV):
+        offs_v = i_v * BV + tl.arange(0, BV)
+        mask_v = offs_v < DV
+        mv = mask_t[:, None] & mask_v[None, :]
+        dd = tl.load(do_ptr + tok_q[:, None] * DV + i_h * DV + offs_v[None, :], mask=mv, other=0.0)
+        dv = _mm(tl.trans(scores), dd, DOT_DTYPE, PREC)
+        inter = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(0, NK):
+            offs_k = i_k * BK + tl.arange(0, BK)
+            mask_k = offs_k < DK
+            kk = tl.load(k_ptr + tok_kv[:, None] * DK + i_hkv * DK + offs_k[None, :],
+                         mask=mask_t[:, None] & mask_k[None, :], other=0.0)
+            dh = tl.load(dh_ptr + state_base + offs_k[:, None] * DV + offs_v[None, :],
+                         mask=mask_k[:, None] & mask_v[None, :], other=0.0)
+            inter += _mm(kk, dh, DOT_DTYPE, PREC)
+        dv += inter * k_decay[:, None]
+        tl.store(dv_ptr + tok_q[:, None] * DV + i_h * DV + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mv)
+    dgate = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(0, NK):
+        offs_k = i_k * BK + tl.arange(0, BK)
+        mask_k = offs_k < DK
+        mk = mask_t[:, None] & mask_k[None, :]
+        qq = tl.load(q_ptr + tok_q[:, None] * DK + i_h * DK + offs_k[None, :], mask=mk, other=0.0)
+        kk = tl.load(k_ptr + tok_kv[:, None] * DK + i_hkv * DK + offs_k[None, :], mask=mk, other=0.0)
+        dq = _mm(dscores, kk, DOT_DTYPE, PREC)
+        dk = _mm(tl.trans(dscores), qq, DOT_DTYPE, PREC)
+        inter_q = tl.zeros([BT, BK], dtype=tl.float32)
+        inter_k = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(0, NV):
+            offs_v = i_v * BV + tl.arange(0, BV)
+            mask_v = offs_v < DV
+            mv = mask_t[:, None] & mask_v[None, :]
+            dd = tl.load(do_ptr + tok_q[:, None] * DV + i_h * DV + offs_v[None, :], mask=mv, other=0.0)
+            vv = tl.load(v_ptr + tok_kv[:, None] * DV + i_hkv * DV + offs_v[None, :], mask=mv, other=0.0)
+            mhv = mask_k[:, None] & mask_v[None, :]
+            hh = tl.load(h_ptr + state_base + offs_k[:, None] * DV + offs_v[None, :], mask=mhv, other=0.0)
+            dh = tl.load(dh_ptr + state_base + offs_k[:, None] * DV + offs_v[None, :], mask=mhv, other=0.0)
+            inter_q += _mm(dd, tl.trans(hh), DOT_DTYPE, PREC)
+            inter_k += _mm(vv, tl.trans(dh), DOT_DTYPE, PREC)
+        dq += inter_q * (q_decay * scale)[:, None]
+        dk += inter_k * k_decay[:, None]
+        tl.store(dq_ptr + tok_q[:, None] * DK + i_h * DK + offs_k[None, :], dq.to(dq_ptr.dtype.element_ty), mask=mk)
+        tl.store(dk_ptr + tok_q[:, None] * DK + i_h * DK + offs_k[None, :], dk.to(dk_ptr.dtype.element_ty), mask=mk)
+        if HAS_G:
+            dgate += tl.sum(qq.to(tl.float32) * dq - kk.to(tl.float32) * dk, 1)
+    if HAS_G:
+        tl.store(dg_ptr + offs_t * H + i_h, dgate, mask=mask_t)
+
+
+@triton.jit
+def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_ptr, scale,
+                         H, HKV, DK, DV,
+                         BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr):
+    """Token by token (streaming): S ← exp(g_t) S + k_t v_tᵀ, o_t = scale · q_t S; one program per (Dv block, seq, head)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    i_hkv = i_h // (H // HKV)
+    bos = tl.load(cu_ptr + i_n)
+    eos = tl.load(cu_ptr + i_n + 1)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_k = offs_k < DK
+    mask_v = offs_v < DV
+    mask_kv = mask_k[:, None] & mask_v[None, :]
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    for i in range(0, eos - bos):
+        t64 = (bos + i).to(tl.int64)
+        kk = tl.load(k_ptr + t64 * HKV * DK + i_hkv * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        vv = tl.load(v_ptr + t64 * HKV * DV + i_hkv * DV + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        qq = tl.load(q_ptr + t64 * H * DK + i_h * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        if HAS_G:
+            state = state * tl.exp(tl.load(g_ptr + t64 * H + i_h).to(tl.float32))
+        state += kk[:, None] * vv[None, :]
+        out = tl.sum(qq[:, None] * state, 0) * scale
+        tl.store(o_ptr + t64 * H * DV + i_h * DV + offs_v, out.to(o_ptr.dtype.element_ty), mask=mask_v)
+    tl.store(ht_ptr + i_n * H * DK * DV + state_offs, state, mask=mask_kv)
+
+
+# ------------------------------------------------------------------------------------------------ launch helpers
+
+# Largest Dk / Dv tiles (tests lower them to exercise the multi-block paths with small head dims).
+MAX_BLOCK_K = 128
+MAX_BLOCK_V = 64
+# The state passes walk the chunks one after another; with fewer (sequence, head, Dk block) rows than this they
+# also split Dv finer (32), to keep more SMs busy (H100: 132). A fixed rule, no autotuning (GPU tuning pending).
+SEQUENTIAL_ROWS_FOR_WIDE_TILES = 256
+
+
+def _blocks(dk: int, dv: int, sequential_rows: int | None = None) -> tuple[int, int, int, int]:
+    """(BK, BV, NK, NV); ``sequential_rows`` (state passes only) = sequences × heads."""
+    bk = min(max(triton.next_power_of_2(dk), 16), MAX_BLOCK_K)
+    cap = MAX_BLOCK_V
+    if sequential_rows is not None and sequential_rows * triton.cdiv(dk, bk) < SEQUENTIAL_ROWS_FOR_WIDE_TILES:
+        cap = min(cap, 32)
+    bv = min(max(triton.next_power_of_2(dv), 16), cap)
+    return bk, bv, triton.cdiv(dk, bk), triton.cdiv(dv, bv)
+
+
+def _dot_config(dtype: torch.dtype, interpret: bool) -> tuple:
+    if interpret or dtype == torch.float32:
+        return tl.float32, "ieee"
+    return (tl.bfloat16 if dtype == torch.bfloat16 else tl.float16), None  # precision applies to fp32 only
+
+
+# Tests set this to fill every output (and scratch state buffer) with NaN before the kernels run, proving that
+# the kernels write every element that is read.
+POISON_OUTPUTS = False
+
+
+def _empty(like: torch.Tensor, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return like.new_full(shape, float("nan"), dtype=dtype)
+    return like.new_empty(shape, dtype=dtype)
+
+
+def _dummy(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(1, dtype=torch.float32)
+
+
+def chunk_states(k, v, g, h0, cu, coff, num_chunks: int, num_heads: int, chunk: int, interpret: bool):
+    """(h [num_chunks, H, Dk, Dv] fp32: state entering each chunk, ht [N, H, Dk, Dv] fp32)."""
+    n, hkv, dk, dv = cu.numel() - 1, k.shape[1], k.shape[2], v.shape[2]
+    bk, bv, nk, nv = _blocks(dk, dv, n * num_heads)
+    dot_dtype, prec = _dot_config(k.dtype, interpret)
+    h = _empty(k, num_chunks, num_heads, dk, dv, dtype=torch.float32)  # unused slots are never read
+    ht = _empty(k, n, num_heads, dk, dv, dtype=torch.float32)
+    chunk_state_fwd_kernel[(nk, nv, n * num_heads)](
+        k, v, g if g is not None else _dummy(k), h0 if h0 is not None else _dummy(k), h, ht, cu, coff,
+        num_heads, hkv, dk, dv, BT=chunk, BK=bk, BV=bv, HAS_G=g is not None, HAS_H0=h0 is not None,
+        DOT_DTYPE=dot_dtype, PREC=prec)
+    return h, ht
+
+
+def chunk_output(q, k, v, g, h, cu, ctab, scale: float, chunk: int, interpret: bool) -> torch.Tensor:
+    heads, hkv, dk, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
+    bk, bv, nk, nv = _blocks(dk, dv)
+    dot_dtype, prec = _dot_config(q.dtype, interpret)
+    o = _empty(q, q.shape[0], heads, dv, dtype=v.dtype)
+    chunk_out_fwd_kernel[(nv, ctab.shape[0], heads)](
+        q, k, v, g if g is not None else _dummy(q), h, o, cu, ctab, scale, heads, hkv, dk, dv,
+        BT=chunk, BK=bk, BV=bv, NK=nk, HAS_G=g is not None, DOT_DTYPE=dot_dtype, PREC=prec)
+    return o
+
+
+def chunk_state_grads(q, do, g, dht, cu, coff, num_chunks: int, scale: float, dk: int, chunk: int,
+                      interpret: bool):
+    """(dh [num_chunks, H, Dk, Dv] fp32: gradient w.r.t. each chunk's outgoing state, dh0 [N, H, Dk, Dv] fp32)."""
+    n, heads, dv = cu.numel() - 1, q.shape[1], do.shape[2]
+    bk, bv, nk, nv = _blocks(dk, dv, n * heads)
+    dot_dtype, prec = _dot_config(q.dtype, interpret)
+    dh = _empty(q, num_chunks, heads, dk, dv, dtype=torch.float32)
+    dh0 = _empty(q, n, heads, dk, dv, dtype=torch.float32)
+    chunk_state_bwd_kernel[(nk, nv, n * heads)](
+        q, do, g if g is not None else _dummy(q), dht if dht is not None else _dummy(q), dh, dh0, cu, coff, scale,
+        heads, dk, dv, BT=chunk, BK=bk, BV=bv, HAS_G=g is not None, HAS_DHT=dht is not None,
+        DOT_DTYPE=dot_dtype, PREC=prec)
+    return dh, dh0
+
+
+def chunk_grads(q, k, v, g, h, do, dh, cu, ctab, scale: float, chunk: int, interpret: bool):
+    """(dq [Ttot, H, Dk], dk and dv per query head [Ttot, H, D], dG [Ttot, H] fp32 or None)."""
+    heads, hkv, dk, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
+    bk, bv, nk, nv = _blocks(dk, dv)
+    dot_dtype, prec = _dot_config(q.dtype, interpret)
+    total = q.shape[0]
+    dq = _empty(q, *q.shape, dtype=q.dtype)
+    dkk = _empty(q, total, heads, dk, dtype=k.dtype)
+    dvv = _empty(q, total, heads, dv, dtype=v.dtype)
+    dg = _empty(q, total, heads, dtype=torch.float32) if g is not None else None
+    chunk_bwd_kernel[(ctab.shape[0], heads)](
+        q, k, v, g if g is not None else _dummy(q), h, do, dh, dq, dkk, dvv, dg if dg is not None else _dummy(q),
+        cu, ctab, scale, heads, hkv, dk, dv, BT=chunk, BK=bk, BV=bv, NK=nk, NV=nv, HAS_G=g is not None,
+        DOT_DTYPE=dot_dtype, PREC=prec)
+    return dq, dkk, dvv, dg
+
+
+def recurrent_forward(q, k, v, g, h0, cu, scale: float):
+    """(o [Ttot, H, Dv], ht [N, H, Dk, Dv] fp32), token by token; Dk must fit one block."""
+    heads, hkv, dk, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
+    n = cu.numel() - 1
+    bk = max(triton.next_power_of_2(dk), 16)
+    bv = min(max(triton.next_power_of_2(dv), 16), MAX_BLOCK_V)
+    o = _empty(q, q.shape[0], heads, dv, dtype=v.dtype)
+    ht = _empty(q, n, heads, dk, dv, dtype=torch.float32)
+    recurrent_fwd_kernel[(triton.cdiv(dv, bv), n * heads)](
+        q, k, v, g if g is not None else _dummy(q), h0 if h0 is not None else _dummy(q), o, ht, cu, scale,
+        heads, hkv, dk, dv, BK=bk, BV=bv, HAS_G=g is not None, HAS_H0=h0 is not None)
+    return o, ht

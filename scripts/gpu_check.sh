@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The prepared GPU check: one command on a bare 1×H100 (no network) turns a short GPU session into results.
+#
+#   scripts/gpu_check.sh [SHARDS_DIR] [OUT_DIR]        (SHARDS_DIR "" = none)
+#
+# Steps, each under its own time limit and all under one budget (GPU_CHECK_BUDGET seconds, default 470, so the
+# whole check fits in 8 minutes): environment → pip install -e . (builds the CUDA extension) → python -m tgolf.info
+# → pytest -m gpu (also fills the Triton cache the benchmarks reuse) → contest-shape benchmarks (as many cases as
+# GPU_CHECK_BENCH_SECONDS allow, every op's first shape first) → profile of the baseline preset → compute-sanitizer
+# memcheck of the CUDA extension's selftest → baseline training on SHARDS_DIR for up to GPU_CHECK_TRAIN_SECONDS
+# (default 90; what the budget leaves after about a minute of compilation and export) → summary.
+# Expected on an H100: about 70 s of training at the default budget; GPU_CHECK_BUDGET=540 gives the full 90 s.
+#
+# Everything is written under profiles/<date>-<device>/ (env.json with command, device, driver, torch and triton
+# versions; one log per step; bench/, profile/, train/). OUT_DIR (default $OUT, else ./gpu_check_out) receives that
+# tree as gpu_check.tar.gz (commit it with `tar xzf gpu_check.tar.gz` at the repository root) plus the few files
+# worth reading at once (the device tool returns at most 8): summary.md, bench.md, profile.md, env.json, check.log.
+# SHARDS_DIR holds fineweb_train_*.bin / fineweb_val_*.bin (and the tokenizer); without it the training step is
+# skipped and the profile runs on random tokens. On the lent GPU machines, copy the shards into a git-ignored
+# folder of the checkout (e.g. .data/) and carry it. Wheels in .whl/ (e.g. fla-core for the fla anchor) are installed
+# to a private folder first.
+set -u -o pipefail
+DATA=${1:-}
+[[ -n "$DATA" ]] && DATA=$(realpath -m "$DATA")
+OUT_DIR=$(realpath -m "${2:-${OUT:-gpu_check_out}}")
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+BUDGET=${GPU_CHECK_BUDGET:-470}
+TRAIN_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-90}
+BENCH_BUDGET=${GPU_CHECK_BENCH_SECONDS:-130}
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1 TGOLF_TEST_GPU=1 MAX_JOBS=${MAX_JOBS:-16}
+
+SLUG=$($PY -m tgolf.profile.env --slug 2>/dev/null || echo "$(date -u +%F)-unknown")
+STAGE=${TMPDIR:-/tmp}/tgolf_gpu_check
+DIR=$STAGE/profiles/$SLUG
+rm -rf "$STAGE" && mkdir -p "$DIR" "$OUT_DIR" || exit 1
+: > "$DIR/steps.tsv"
+
+log() { echo "$*" | tee -a "$DIR/check.log"; }
+
+# step NAME LIMIT_S LOGFILE CMD... : run CMD under min(LIMIT_S, budget left), record status and seconds.
+step() {
+  local name=$1 limit=$2 logfile=$3
+  shift 3
+  local left=$((BUDGET - ($(date +%s) - T0)))
+  if ((left < 15)); then
+    printf '%s\tskipped (budget)\t0\t%s\n' "$name" "$logfile" >>"$DIR/steps.tsv"
+    log "== $name: skipped, ${left}s of the budget left"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  log "== $name (limit ${limit}s): $*"
+  local start=$(date +%s)
+  timeout -k 10 "$limit" "$@" >"$DIR/$logfile" 2>&1
+  local rc=$? secs=$(($(date +%s) - start)) status=ok
+  if ((rc == 124 || rc == 137)); then status=timeout; elif ((rc != 0)); then status="failed (rc $rc)"; fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$secs" "$logfile" >>"$DIR/steps.tsv"
+  tail -n 4 "$DIR/$logfile" | sed 's/^/    /' | tee -a "$DIR/check.log"
+}
+
+log "tgolf GPU check → $DIR (budget ${BUDGET}s)"
+$PY -m tgolf.profile.env --command "scripts/gpu_check.sh $*" >"$DIR/env.json" 2>>"$DIR/check.log"
+(nvidia-smi -q || true) >"$DIR/nvidia-smi.txt" 2>&1
+git rev-parse HEAD >"$DIR/commit.txt" 2>/dev/null
+git status --short >>"$DIR/commit.txt" 2>/dev/null
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step wheels 60 wheels.log $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/tgolf_site .whl/*.whl
+  export PYTHONPATH=/tmp/tgolf_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+step install 150 install.log $PY -m pip install --no-deps --no-build-isolation -e .
+step info 20 info.txt $PY -m tgolf.info
+step pytest-gpu 90 pytest.log $PY -m pytest -m gpu -q -p no:cacheprovider --durations=15
+step bench $((BENCH_BUDGET + 45)) bench.log $PY -m tgolf.bench --shapes contest --device cuda --out "$DIR/bench" \
+  --time-budget "$BENCH_BUDGET"
+PROFILE_DATA=()
+[[ -n "$DATA" ]] && PROFILE_DATA=(--data-path "$DATA")
+step profile 120 profile.log $PY -m tgolf.profile --preset baseline --steps 5 --warmup 2 --out "$DIR/profile" \
+  "${PROFILE_DATA[@]}"
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck 60 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 99 $PY -m tgolf._extension selftest
+else
+  printf 'memcheck\tskipped (no compute-sanitizer)\t0\tmemcheck.log\n' >>"$DIR/steps.tsv"
+fi
+if [[ -n "$DATA" ]]; then
+  # Startup, compilation and the final export/evaluation need about a minute beside the training seconds.
+  left=$((BUDGET - ($(date +%s) - T0) - 75))
+  ((left < TRAIN_SECONDS)) && TRAIN_SECONDS=$left
+  if ((TRAIN_SECONDS >= 20)); then
+    step train $((TRAIN_SECONDS + 90)) train.log $PY -m tgolf.train --preset baseline --data-path "$DATA" \
+      --max-wallclock-seconds "$TRAIN_SECONDS" --warmup-steps 3 --val-loss-every 0 --val-tokens-limit 4194304 \
+      --out-dir "$DIR/train" --run-id baseline
+  else
+    printf 'train\tskipped (budget)\t0\ttrain.log\n' >>"$DIR/steps.tsv"
+  fi
+else
+  printf 'train\tskipped (no shards given)\t0\ttrain.log\n' >>"$DIR/steps.tsv"
+fi
+
+$PY scripts/gpu_check_summary.py "$DIR" "$(($(date +%s) - T0))" >"$DIR/summary.md" 2>>"$DIR/check.log"
+# Files over 8 MB (a trained artifact, a long trace) stay out of the archive, which must come back whole (16 MiB);
+# large_files.txt lists them.
+(cd "$STAGE" && find profiles -type f -size +8M -printf '%p\t%s bytes\n') >"$DIR/large_files.txt"
+tar czf "$OUT_DIR/gpu_check.tar.gz" -C "$STAGE" -X <(cut -f1 "$DIR/large_files.txt") profiles
+for f in summary.md env.json check.log bench/bench.md profile/profile.md; do
+  [[ -f "$DIR/$f" ]] && cp "$DIR/$f" "$OUT_DIR/"
+done
+cat "$DIR/summary.md"

@@ -1,0 +1,86 @@
+"""The short summary table that scripts/gpu_check.sh prints last: one line per step, then the key numbers.
+
+    python scripts/gpu_check_summary.py profiles/<date>-<device> [TOTAL_SECONDS]
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def _tail(path: Path, pattern: str) -> str:
+    """The last line of ``path`` matching ``pattern`` (regex), stripped; '' when none."""
+    if not path.exists():
+        return ""
+    hits = [line.strip() for line in path.read_text(errors="replace").splitlines() if re.search(pattern, line)]
+    return hits[-1][:160] if hits else ""
+
+
+def _bench(folder: Path) -> tuple[str, list[str]]:
+    path = folder / "bench" / "bench.json"
+    if not path.exists():
+        return "no bench.json", []
+    rows = json.loads(path.read_text())["rows"]
+    counts: dict[str, int] = {}
+    for r in rows:
+        key = r["status"].split(":")[0]
+        counts[key] = counts.get(key, 0) + 1
+    lines = ["| op | size | mode | status | ms | TFLOP/s | % peak | vs anchors (×, > 1 = tgolf faster) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r.get("time") or {}
+        ratios = ", ".join(f"{n} {e['speedup']:.2f}" for n, e in r.get("anchors", {}).items()
+                           if e.get("status") == "ok" and e.get("speedup"))
+        status = r["status"] if len(r["status"]) < 60 else r["status"][:57] + "..."
+        lines.append(f"| {r['op']} | {r.get('size', '')} | {r.get('mode', '')} | {status.replace('|', '/')} | "
+                     f"{t.get('median_ms', 0):.3f} | {r.get('tflops') or 0:.0f} | {r.get('pct_peak_flops') or 0:.0f} | "
+                     f"{ratios} |" if t else
+                     f"| {r['op']} | {r.get('size', '')} | {r.get('mode', '')} | {status.replace('|', '/')} | | | | |")
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), lines
+
+
+def _profile(folder: Path) -> str:
+    path = folder / "profile" / "profile.json"
+    if not path.exists():
+        return "no profile.json"
+    p = json.loads(path.read_text())
+    parts = []
+    if "mean_step_ms" in p:
+        parts.append(f"step {p['mean_step_ms']:.1f} ms")
+    if "mfu_pct" in p:
+        parts.append(f"MFU {p['mfu_pct']:.1f}%")
+    shares = sorted(p.get("share_pct", {}).items(), key=lambda kv: -kv[1])[:4]
+    parts += [f"{k} {v:.0f}%" for k, v in shares]
+    return ", ".join(parts)
+
+
+def summary(folder: Path, total_s: str) -> str:
+    env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").exists() else {}
+    bench_counts, bench_lines = _bench(folder)
+    results = {
+        "install": _tail(folder / "install.log", r"Successfully installed|error|Error") or "see install.log",
+        "info": _tail(folder / "info.txt", r"CUDA extension"),
+        "pytest-gpu": _tail(folder / "pytest.log", r"passed|failed|error|skipped|deselected|no tests ran"),
+        "bench": bench_counts,
+        "profile": _profile(folder),
+        "memcheck": _tail(folder / "memcheck.log", r"ERROR SUMMARY|Error|error"),
+        "train": _tail(folder / "train.log", r"val_bpb|step_avg|Error|error"),
+    }
+    lines = [f"# tgolf GPU check — {env.get('device_name', '?')}", "",
+             f"{env.get('date_utc', '')} · driver {env.get('driver', '?')} · torch {env.get('torch')} · "
+             f"triton {env.get('triton')} · commit {env.get('git_commit')} · total {total_s} s", ""]
+    lines += ["## Contest-shape benchmarks", "", *bench_lines, ""]
+    lines += ["## Steps", "", "| step | status | s | result |", "|---|---|---|---|"]
+    steps = folder / "steps.tsv"
+    for row in (steps.read_text().splitlines() if steps.exists() else []):
+        name, status, secs, _log = (row.split("\t") + ["", "", "", ""])[:4]
+        lines.append(f"| {name} | {status} | {secs} | {results.get(name, '').replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        raise SystemExit(__doc__)
+    print(summary(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) == 3 else "?"), end="")

@@ -1,0 +1,151 @@
+"""tgolf.bench on the CPU: the CLI's outputs, and correctness before speed (no timing assertions)."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgolf.bench.__main__ import main as bench_main
+from tgolf.bench.core import BenchCase, Impl, RunOptions, rel_err, run_case
+from tgolf.bench.registry import FAMILIES, collect
+from tgolf.bench.timing import summarize
+
+STATUSES = ("ok", "incorrect", "unavailable", "error", "skipped")
+CPU = RunOptions(device=torch.device("cpu"), quick=True, compile_anchors=False)
+
+
+def _linear_inputs(device, seed):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return (torch.randn(24, 40, generator=gen, device=device), torch.randn(32, 40, generator=gen, device=device))
+
+
+def _case(candidate, anchors=None, **kw) -> BenchCase:
+    return BenchCase(op="test.linear", shape=dict(M=24, K=40, N=32), make_inputs=_linear_inputs,
+                     candidate=Impl(lambda: candidate), reference=lambda: F.linear,
+                     anchors=anchors or {}, flops=2.0 * 24 * 40 * 32, bytes=4.0 * (24 * 40 + 32 * 40 + 24 * 32),
+                     grad_argnums=(0, 1), dtype="fp32", tol=1e-5, **kw)
+
+
+class _WrongBackward(torch.autograd.Function):
+    """Right forward, gradient of x off by 2×: only the forward+backward check can catch it."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return 2 * g @ w, g.T @ x
+
+
+def test_quick_cli_writes_json_and_markdown_with_a_row_per_op(tmp_path, monkeypatch):
+    # The plumbing is under test here, not the kernels (their own tests run them under the interpreter):
+    # PyTorch backends keep this test to seconds.
+    monkeypatch.setenv("TGOLF_BACKEND", "reference")
+    assert bench_main(["--device", "cpu", "--shapes", "quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["meta"]["device"] == "cpu" and data["meta"]["shapes"] == "quick"
+    assert data["limits"]["peak_flops"]["bf16"] == 989e12
+    cases, failed = collect([], "quick")
+    expected_ops = {c.op for c in cases} | {f["op"] for f in failed}
+    assert {r["op"] for r in data["rows"]} == expected_ops
+    assert {c.family for c in cases} | {f["family"] for f in failed} == set(FAMILIES)
+    for row in data["rows"]:
+        assert row["status"].split(":")[0] in STATUSES, row["status"]
+        if row["status"] == "ok":
+            assert row["time"]["median_ms"] > 0 and row["rel_err"] <= row["tol"]
+        else:
+            assert row.get("time") is None
+    table = (tmp_path / "bench.md").read_text()
+    body = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| op ")]
+    assert len(body) == len(data["rows"])
+    ok_families = {r["family"] for r in data["rows"] if r["status"] == "ok"}
+    assert {p.name for p in tmp_path.glob("bench_*.png")} == {f"bench_{f}.png" for f in ok_families}
+
+
+@pytest.mark.parametrize("shapes", ["contest", "sweep"])
+def test_large_shape_sets_declare_work(shapes):
+    cases, failed = collect([], shapes)
+    assert not failed and len({c.op for c in cases}) >= 7
+    assert all(c.flops > 0 and c.bytes > 0 for c in cases)
+
+
+def test_correct_candidate_is_timed_with_ratios():
+    rows = run_case(_case(F.linear, anchors={"eager": Impl(lambda: F.linear)}), CPU)
+    assert [r["mode"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert r["status"] == "ok" and r["rel_err"] <= 1e-6
+        assert r["time"]["median_ms"] > 0 and r["tflops"] > 0
+        assert r["pct_peak_flops"] is None  # no % of H100 limits for a CPU run
+        assert r["anchors"]["eager"]["status"] == "ok" and r["anchors"]["eager"]["speedup"] > 0
+
+
+@pytest.mark.parametrize("wrong", [
+    lambda x, w: F.linear(x, w) * 1.01,
+    lambda x, w: torch.full((x.shape[0], w.shape[0]), math.nan),
+    lambda x, w: F.linear(x, w)[:, :-1],
+])
+def test_wrong_kernel_gets_no_speed_figure(wrong):
+    rows = run_case(_case(wrong, anchors={"eager": Impl(lambda: F.linear)}), CPU)
+    assert rows[0]["status"].startswith("incorrect: rel err")
+    for r in rows:
+        assert r["time"] is None and "tflops" not in r and r["anchors"] == {}
+
+
+def test_wrong_gradient_is_caught_in_forward_backward_only():
+    fwd, fwd_bwd = run_case(_case(_WrongBackward.apply), CPU)
+    assert fwd["status"] == "ok"
+    assert fwd_bwd["status"].startswith("incorrect") and fwd_bwd["time"] is None
+
+
+def test_unavailable_and_skipped_cases():
+    def missing():
+        raise ImportError("no module named tgolf.ops.nothing")
+    case = _case(F.linear)
+    case.candidate = Impl(missing)
+    assert all(r["status"].startswith("unavailable: ImportError") for r in run_case(case, CPU))
+    late = RunOptions(device=torch.device("cpu"), quick=True, compile_anchors=False, deadline=time.monotonic() - 1)
+    assert all(r["status"] == "skipped: time budget" for r in run_case(_case(F.linear), late))
+    gpu_only = _case(F.linear, anchors={"flash": Impl(lambda: F.linear, cuda_only=True),
+                                        "compiled": Impl(lambda: F.linear, compiled=True)})
+    anchors = run_case(gpu_only, CPU)[0]["anchors"]
+    assert anchors["flash"]["status"] == "skipped: needs CUDA"
+    assert anchors["compiled"]["status"].startswith("skipped: torch.compile")
+
+
+def test_rel_err_and_summary():
+    ref = torch.tensor([1.0, 2.0, 3.0])
+    assert rel_err(ref.clone(), ref) == 0.0
+    assert rel_err(torch.tensor([1.0, math.nan, 3.0]), ref) == math.inf
+    assert rel_err(ref[:2], ref) == math.inf
+    stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (stats.median_ms, stats.q25_ms, stats.q75_ms, stats.reps) == (3.0, 2.0, 4.0, 5)
+
+
+def test_unknown_op_is_refused():
+    with pytest.raises(ValueError, match="unknown"):
+        collect(["nonsense"], "quick")
+    assert bench_main(["--device", "cpu", "--ops", "nonsense", "--out", "/nonexistent"]) == 2
+
+
+@pytest.mark.gpu
+def test_cuda_timing_path(tmp_path):
+    """On a GPU: events, L2 flush and input rotation run; rows carry % of the H100 limits."""
+    cuda = RunOptions(device=torch.device("cuda"), compile_anchors=False)
+
+    def inputs(device, seed):
+        return tuple(t.to(torch.bfloat16) for t in _linear_inputs(device, seed))
+    case = _case(F.linear, anchors={"eager": Impl(lambda: F.linear)})
+    case.make_inputs, case.tol = inputs, 1e-2
+    for row in run_case(case, cuda):
+        assert row["status"] == "ok", row["status"]
+        assert row["time"]["reps"] >= 10 and row["pct_peak_flops"] is not None
+    assert bench_main(["--device", "cuda", "--shapes", "quick", "--no-compile", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert not [r for r in rows if r["status"].startswith("error: timing")]

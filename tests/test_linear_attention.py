@@ -1,0 +1,376 @@
+"""Linear attention: Triton kernels (TRITON_INTERPRET=1 on the CPU) vs the float64 quadratic reference, modules, eval."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tgolf.backend import choose
+from tgolf.ops.linear_attention import linear_attention
+from tgolf.ops.linear_attention.feature_maps import (FEATURE_MAPS, divide_by_key_sum, make_feature_map,
+                                                     with_key_sum)
+from tgolf.ops.linear_attention.reference import linear_attention_quadratic, linear_attention_recurrent
+
+TRITON = choose(torch.device("cpu")).backend == "triton"
+needs_triton = pytest.mark.skipif(not TRITON, reason="Triton backend unavailable (set TRITON_INTERPRET=1)")
+B, T, H, HKV, D = 2, 37, 4, 2, 16  # T is not a multiple of the chunk; GQA 2:1
+CHUNK = 16
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_decay(kind: str | None, batch: int = B, seq_len: int = T, heads: int = H) -> torch.Tensor | None:
+    if kind == "head":
+        return -torch.rand(heads) * 0.3 - 0.01
+    if kind == "token":
+        return F.logsigmoid(torch.randn(batch, seq_len, heads) + 2.0)
+    return None
+
+
+def run_both(fn, inputs: list[torch.Tensor | None]):
+    """fn(*inputs) → tensors, under the op (float32) and the reference (float64); outputs and input grads of each."""
+    results = []
+    for dtype in (torch.float32, torch.float64):
+        leaves = [None if x is None else x.to(dtype).clone().requires_grad_() for x in inputs]
+        outs = fn(dtype == torch.float64, *leaves)
+        gen = torch.Generator().manual_seed(7)
+        loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.device)).sum()
+                   for o in outs)
+        loss.backward()
+        results.append((outs, [None if x is None else x.grad for x in leaves]))
+    return results
+
+
+def assert_close(results, tol: float = 2e-5) -> None:
+    (outs, grads), (ref_outs, ref_grads) = results
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert torch.isfinite(o).all() and rel(o, r) < tol, f"output {i}: rel err {rel(o, r):.2e}"
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        if r is not None:
+            assert g is not None and torch.isfinite(g).all() and rel(g, r) < tol, f"grad {i}: rel err {rel(g, r):.2e}"
+
+
+@needs_triton
+@pytest.mark.parametrize("decay_kind", [None, "head", "token"])
+def test_matches_reference_with_state(decay_kind):
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, HKV, D), torch.randn(B, T, HKV, D + 4)
+    h0 = torch.randn(B, H, D, D + 4)
+
+    def fn(is_ref, q, k, v, g, h0):
+        if is_ref:
+            return linear_attention_quadratic(q, k, v, decay=g, initial_state=h0, scale=0.25)
+        return linear_attention(q, k, v, decay=g, initial_state=h0, output_state=True, scale=0.25,
+                                chunk_size=CHUNK)
+
+    assert_close(run_both(fn, [q, k, v, make_decay(decay_kind), h0]))
+
+
+@needs_triton
+def test_bf16_inputs():
+    q, k, v = (torch.randn(1, 40, 2, 16).bfloat16() for _ in range(3))
+    g = make_decay("token", 1, 40, 2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+    o = linear_attention(*leaves[:3], decay=leaves[3], chunk_size=CHUNK)
+    o.float().square().sum().backward()
+    ref = [x.double().requires_grad_() for x in (q, k, v, g)]
+    o_ref, _ = linear_attention_quadratic(*ref[:3], decay=ref[3])
+    o_ref.square().sum().backward()
+    assert o.dtype == torch.bfloat16 and rel(o, o_ref) < 1e-2
+    for a, b in zip(leaves, ref):
+        assert rel(a.grad, b.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_gpu_matches_reference(dtype, tol):
+    cu = torch.tensor([0, 700, 701, 2000], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(1, 2000, h, 64, device="cuda") for h in (8, 4, 4))
+    g, h0 = F.logsigmoid(torch.randn(1, 2000, 8, device="cuda") + 4), torch.randn(3, 8, 64, 64, device="cuda")
+
+    def fn(is_ref, q, k, v, g, h0):
+        if is_ref:
+            return linear_attention_quadratic(q, k, v, decay=g, cu_seqlens=cu, initial_state=h0, scale=0.125)
+        return linear_attention(q.to(dtype), k.to(dtype), v.to(dtype), decay=g, cu_seqlens=cu, initial_state=h0,
+                                output_state=True, scale=0.125)
+
+    assert_close(run_both(fn, [q, k, v, g, h0]), tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+def test_feature_maps_match_reference(feature_map):
+    head_dim = 4 if feature_map == "taylor" else 8  # Taylor: 1 + D + D² features
+    phi = make_feature_map(feature_map, head_dim)
+    q, k, v = torch.randn(1, 29, 2, head_dim), torch.randn(1, 29, 2, head_dim), torch.randn(1, 29, 2, head_dim)
+
+    def fn(is_ref, q, k, v, g):
+        phi.double() if is_ref else phi.float()
+        vv = with_key_sum(v) if phi.normalize else v
+        if is_ref:
+            o, _ = linear_attention_quadratic(phi(q), phi(k), vv, decay=g)
+        else:
+            o = linear_attention(phi(q), phi(k), vv, decay=g, chunk_size=CHUNK)
+        return [divide_by_key_sum(o) if phi.normalize else o]
+
+    assert_close(run_both(fn, [q, k, v, make_decay("token", 1, 29, 2)]))
+
+
+@needs_triton
+def test_several_dk_dv_blocks(monkeypatch):
+    from tgolf.kernels import linear_attention as kern
+
+    monkeypatch.setattr(kern, "MAX_BLOCK_K", 16)
+    monkeypatch.setattr(kern, "MAX_BLOCK_V", 16)
+    q, k, v = torch.randn(1, 21, 2, 40), torch.randn(1, 21, 1, 40), torch.randn(1, 21, 1, 24)  # 3 Dk, 2 Dv blocks
+
+    def fn(is_ref, q, k, v, g, h0):
+        if is_ref:
+            return linear_attention_quadratic(q, k, v, decay=g, initial_state=h0, scale=0.2)
+        return linear_attention(q, k, v, decay=g, initial_state=h0, output_state=True, scale=0.2, chunk_size=CHUNK)
+
+    assert_close(run_both(fn, [q, k, v, make_decay("token", 1, 21, 2), torch.randn(1, 2, 40, 24)]))
+    o1 = linear_attention(q, k, v, mode="recurrent")
+    assert rel(o1, linear_attention_quadratic(q, k, v)[0]) < 1e-5
+
+
+def test_references_agree():
+    q, k, v = torch.randn(B, 19, H, 8), torch.randn(B, 19, HKV, 8), torch.randn(B, 19, HKV, 8)
+    g, h0 = make_decay("token", seq_len=19), torch.randn(B, H, 8, 8)
+    o1, s1 = linear_attention_quadratic(q, k, v, decay=g, initial_state=h0, scale=0.5)
+    o2, s2 = linear_attention_recurrent(q, k, v, decay=g, initial_state=h0, scale=0.5)
+    assert rel(o1, o2) < 1e-6 and rel(s1, s2) < 1e-6
+
+
+@needs_triton
+@pytest.mark.parametrize("decay_kind", [None, "token"])
+def test_chunk_equals_recurrent(decay_kind):
+    q, k, v, g = torch.randn(B, T, H, D), torch.randn(B, T, HKV, D), torch.randn(B, T, HKV, D), make_decay(decay_kind)
+    h0 = torch.randn(B, H, D, D)
+    o1, s1 = linear_attention(q, k, v, decay=g, initial_state=h0, output_state=True, chunk_size=CHUNK)
+    o2, s2 = linear_attention(q, k, v, decay=g, initial_state=h0, output_state=True, mode="recurrent")
+    assert rel(o1, o2) < 1e-5 and rel(s1, s2) < 1e-5
+
+
+@needs_triton
+def test_two_halves_with_state_equal_one_pass():
+    q, k, v, g = torch.randn(B, T, H, D), torch.randn(B, T, HKV, D), torch.randn(B, T, HKV, D), make_decay("token")
+    o, s = linear_attention(q, k, v, decay=g, output_state=True, chunk_size=CHUNK)
+    cut = 21
+    o1, s1 = linear_attention(q[:, :cut], k[:, :cut], v[:, :cut], decay=g[:, :cut], output_state=True,
+                              chunk_size=CHUNK)
+    o2, s2 = linear_attention(q[:, cut:], k[:, cut:], v[:, cut:], decay=g[:, cut:], initial_state=s1,
+                              output_state=True, mode="recurrent")
+    assert rel(torch.cat((o1, o2), 1), o) < 1e-5 and rel(s2, s) < 1e-5
+
+
+@needs_triton
+def test_varlen_equals_separate_sequences():
+    lengths = [5, 0, 35, 17, 16]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    q, k, v = torch.randn(1, total, H, D), torch.randn(1, total, HKV, D), torch.randn(1, total, HKV, D)
+    g, h0 = make_decay("token", 1, total), torch.randn(len(lengths), H, D, D)
+
+    def fn(is_ref, q, k, v, g, h0):
+        if is_ref:
+            return linear_attention_quadratic(q, k, v, decay=g, cu_seqlens=cu, initial_state=h0)
+        return linear_attention(q, k, v, decay=g, cu_seqlens=cu, initial_state=h0, output_state=True,
+                                chunk_size=CHUNK)
+
+    assert_close(run_both(fn, [q, k, v, g, h0]))
+    o, s = fn(False, q, k, v, g, h0)
+    for i, (lo, hi) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        if hi > lo:
+            oi, si = linear_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], decay=g[:, lo:hi],
+                                      initial_state=h0[i:i + 1], output_state=True, chunk_size=CHUNK)
+            assert rel(o[:, lo:hi], oi) < 1e-6 and rel(s[i:i + 1], si) < 1e-6
+        else:
+            assert torch.equal(s[i], h0[i])  # an empty sequence passes its state through
+
+
+@needs_triton
+def test_gqa_equals_repeated_heads():
+    q, k, v, g = torch.randn(1, T, H, D), torch.randn(1, T, HKV, D), torch.randn(1, T, HKV, D), make_decay("head")
+    rep = lambda x: x.repeat_interleave(H // HKV, dim=2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    linear_attention(*leaves, decay=g, chunk_size=CHUNK).sum().backward()
+    leaves2 = [x.clone().requires_grad_() for x in (q, k, v)]
+    linear_attention(leaves2[0], rep(leaves2[1]), rep(leaves2[2]), decay=g, chunk_size=CHUNK).sum().backward()
+    for a, b in zip(leaves, leaves2):
+        assert rel(a.grad, b.grad) < 1e-6
+
+
+@needs_triton
+def test_nan_poisoned_outputs_are_fully_written(monkeypatch):
+    from tgolf.kernels import linear_attention as kern
+
+    monkeypatch.setattr(kern, "POISON_OUTPUTS", True)
+    cu = torch.tensor([0, 7, 7, 37], dtype=torch.int32)
+    leaves = [torch.randn(1, 37, H, D), torch.randn(1, 37, HKV, D), torch.randn(1, 37, HKV, 12),
+              make_decay("token", 1, 37), torch.randn(3, H, D, 12)]
+    leaves = [x.requires_grad_() for x in leaves]
+    for mode in ("chunk", "recurrent"):
+        o, s = linear_attention(*leaves[:3], decay=leaves[3], cu_seqlens=cu, initial_state=leaves[4],
+                                output_state=True, chunk_size=CHUNK, mode=mode)
+        assert torch.isfinite(o).all() and torch.isfinite(s).all()
+        (o.sum() + s.sum()).backward()
+        assert all(torch.isfinite(x.grad).all() for x in leaves)
+
+
+@needs_triton
+def test_compile_traces_the_op():
+    def f(q, k, v, g):
+        o, s = linear_attention(q, k, v, decay=g, output_state=True, chunk_size=CHUNK)
+        return o.square().sum() + s.sum()
+
+    inputs = [torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16), make_decay("head", 1, 20, 2)]
+    eager = [x.clone().requires_grad_() for x in inputs]
+    comp = [x.clone().requires_grad_() for x in inputs]
+    f(*eager).backward()
+    torch.compile(f, fullgraph=True, backend="aot_eager")(*comp).backward()
+    for a, b in zip(eager, comp):
+        assert rel(a.grad, b.grad) < 1e-6
+
+
+def test_reference_backend_when_forced(monkeypatch):
+    q, k, v, g = torch.randn(1, 20, 2, 8), torch.randn(1, 20, 1, 8), torch.randn(1, 20, 1, 8), make_decay("token", 1, 20, 2)
+    expected, _ = linear_attention_quadratic(q, k, v, decay=g)
+    monkeypatch.setenv("TGOLF_BACKEND", "reference")
+    assert rel(linear_attention(q, k, v, decay=g), expected) < 1e-6
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(q=torch.randn(1, 8, 2, 4, 1)), "q, k, v"),
+    (dict(k=torch.randn(1, 8, 3, 16), v=torch.randn(1, 8, 3, 16)), "heads"),
+    (dict(decay=torch.zeros(3)), "decay"),
+    (dict(cu_seqlens=torch.tensor([0, 8])), "cu_seqlens"),
+    (dict(initial_state=torch.zeros(1, 2, 16, 16)), "initial_state"),
+    (dict(chunk_size=48), "chunk_size"),
+    (dict(mode="parallel"), "mode"),
+])
+def test_bad_arguments(kwargs, name):
+    args = dict(q=torch.randn(1, 8, 4, 16), k=torch.randn(1, 8, 2, 16), v=torch.randn(1, 8, 2, 16))
+    args.update(kwargs)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=name):
+        linear_attention(q, k, v, **args)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+def _tiny_model(attention: str, **overrides):
+    from tgolf.config import Config
+    from tgolf.model import build_model
+
+    cfg = Config(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=256, attention=attention,
+                 attention_window=12)
+    return build_model(cfg, **overrides)
+
+
+@pytest.mark.parametrize("attention", ["linear", "hybrid"])
+def test_modules_plug_into_the_gpt(attention):
+    model = _tiny_model(attention)
+    for p in model.parameters():  # the GPT zero-initialises its output projections; wake them for the test
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 256, (2, 41))
+    loss = model(ids[:, :-1], ids[:, 1:])
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+    attn = model.blocks[0].attn
+    assert attn.log_decay_rate.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("seq_len, past, window", [(23, 0, 6), (5, 3, 6), (17, 8, 8), (4, 0, 16)])
+def test_sliding_window_attention_matches_dense_mask(seq_len, past, window):
+    from tgolf.nn.linear_attention import sliding_window_attention
+
+    q, k, v = torch.randn(2, 4, seq_len, 8), torch.randn(2, 2, past + seq_len, 8), torch.randn(2, 2, past + seq_len, 8)
+    qpos, kpos = torch.arange(seq_len)[:, None] + past, torch.arange(past + seq_len)[None, :]
+    band = (kpos <= qpos) & (kpos > qpos - window)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=band, enable_gqa=True)
+    assert rel(sliding_window_attention(q, k, v, window), expected) < 1e-6
+
+
+def _explicit_hybrid(attn, x: torch.Tensor) -> torch.Tensor:
+    """Softmax over t−W < s ≤ t plus λ · normalised linear attention over s ≤ t − W, written out in float64."""
+    q, k, v = (t.double() for t in attn.rotated_qkv(x))
+    group = attn.num_heads // attn.num_kv_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # [B, H, T, D]
+    seq_len, W = x.shape[1], attn.window
+    t_idx, s_idx = torch.arange(seq_len)[:, None], torch.arange(seq_len)[None, :]
+    band = (s_idx <= t_idx) & (s_idx > t_idx - W)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~band, float("-inf"))
+    y_swa = scores.softmax(-1) @ v
+    g = attn.log_decay(x)
+    g = torch.zeros(attn.num_heads) if g is None else g.double()
+    g = g[None, None, :].expand(x.shape[0], seq_len, -1) if g.dim() == 1 else g
+    cum = g.cumsum(1).transpose(1, 2)  # [B, H, T]
+    old = s_idx <= t_idx - W
+    weights = (cum[..., :, None] - cum[..., None, :]).masked_fill(~old, float("-inf")).exp()
+    phi = attn.feature_map.double()
+    lin = (phi(q) @ phi(k).transpose(-1, -2)) / math.sqrt(attn.feature_dim) * weights
+    y_lin = lin @ v
+    y_lin = y_lin / (lin.sum(-1, keepdim=True) + attn.eps) if phi.normalize else F.rms_norm(y_lin, (v.shape[-1],))
+    y = y_swa + attn.linear_gain.double()[:, None, None] * y_lin
+    return attn.proj.double()(y.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("decay, feature_map", [("head", "identity"), ("token", "elu1"), ("none", "hedgehog")])
+def test_hybrid_counts_each_token_once(decay, feature_map):
+    from tgolf.nn.linear_attention import HybridAttention
+
+    attn = HybridAttention(32, num_heads=4, num_kv_heads=2, linear="bf16", window=6, decay=decay,
+                           feature_map=feature_map, chunk_size=16)
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)
+    x = torch.randn(2, 23, 32)
+    expected = _explicit_hybrid(attn, x)
+    attn.float()
+    assert rel(attn(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("hybrid, decay, feature_map", [(False, "head", "identity"), (False, "token", "elu1"),
+                                                         (True, "token", "identity"), (True, "head", "relu")])
+def test_streaming_equals_one_long_pass(hybrid, decay, feature_map):
+    from tgolf.eval.stateful import streaming
+    from tgolf.nn.linear_attention import HybridAttention, LinearAttention
+
+    cls = HybridAttention if hybrid else LinearAttention
+    attn = cls(32, num_heads=4, num_kv_heads=2, window=6, decay=decay, feature_map=feature_map, chunk_size=16)
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)
+    x = torch.randn(2, 25, 32)
+    with torch.no_grad():
+        full = attn(x)
+        for window in (10, 4):  # the second is shorter than the hybrid's W
+            with streaming(attn):
+                streamed = torch.cat([attn(x[:, lo:lo + window]) for lo in range(0, x.shape[1], window)], 1)
+            assert rel(streamed, full) < 1e-5, window
+
+
+def test_evaluate_stateful_matches_one_pass():
+    from tgolf.data.tokenizer import ByteTables
+    from tgolf.eval.stateful import evaluate_stateful
+
+    model = _tiny_model("linear")
+    for p in model.parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.1)
+    tokens = torch.randint(2, 256, (58,))
+    tokens[[0, 20]] = 1  # BOS opens documents at 0 and 20
+    tables = ByteTables(torch.randint(1, 4, (256,), dtype=torch.int16), torch.rand(256) < 0.5,
+                        torch.arange(256) < 2)
+    result = evaluate_stateful(model, tokens, 16, tables, "cpu", buckets=(0, 8, 16, 32))
+    with torch.no_grad():
+        nll = model(tokens[None, :-1], tokens[None, 1:], reduction="none")
+    assert result.overall.tokens == 57
+    assert math.isclose(result.overall.val_loss, nll.mean().item(), rel_tol=1e-5)
+    # documents: targets 1..20 see contexts 1..20 (first doc), targets 21..57 contexts 1..37 (second doc)
+    counts = {b["context_from"]: b["tokens"] for b in result.buckets}
+    assert counts == {0: 7 + 7, 8: 8 + 8, 16: 5 + 16, 32: 6}
+    two = evaluate_stateful(model, tokens, 16, tables, "cpu", num_streams=2)
+    assert two.overall.tokens == 57

@@ -1,0 +1,45 @@
+"""The softcapped cross-entropy with the (tied) lm head fused in: logits never reach device memory.
+
+Anchors: the eager reference (cuBLAS GEMM, fp32 logits, tanh, cross-entropy), its torch.compile, and the op
+with its Triton chunk kernel forced (beside the CUDA one, when the extension is built).
+"""
+from __future__ import annotations
+
+import torch
+
+from tgolf.bench.anchors import compiled, eager, forced_backend, generator, lazy, op, randint, randn
+from tgolf.bench.core import BenchCase
+
+# (N, D, V): tokens per GPU, model width, vocabulary.
+_SHAPES = {
+    "quick": [(72, 64, 200)],
+    "contest": [(65536, 512, 1024), (65536, 512, 8192), (65536, 768, 8192)],
+    "sweep": [(65536, d, v) for d in (512, 768) for v in (1024, 2048, 4096, 8192)],
+}
+
+
+def _inputs(n: int, d: int, v: int):
+    def make(device: torch.device, seed: int) -> tuple:
+        gen = generator(device, seed)
+        return (randn((n, d), gen, device, torch.bfloat16), randn((v, d), gen, device, torch.bfloat16, 0.5),
+                randint(v, (n,), gen, device))
+    return make
+
+
+def _case(n: int, d: int, v: int) -> BenchCase:
+    kwargs = dict(softcap=30.0, reduction="mean")
+    reference = lazy("tgolf.ops.loss.reference:softcap_cross_entropy_reference", **kwargs)
+    return BenchCase(
+        op="loss.softcap_cross_entropy", label=f"N{n} D{d} V{v}", shape=dict(N=n, D=d, V=v),
+        make_inputs=_inputs(n, d, v), candidate=op("tgolf.ops.loss:softcap_cross_entropy", **kwargs),
+        reference=reference,
+        anchors={"eager": eager(reference), "compiled": compiled(reference),
+                 # the chunk kernel has a CUDA and a Triton version: the forced one shows the other
+                 "triton": forced_backend(lazy("tgolf.ops.loss:softcap_cross_entropy", **kwargs), "triton")},
+        flops=2.0 * n * d * v, bytes=2.0 * (n * d + v * d) + 8.0 * n,
+        bwd_bytes=2.0 * 2 * (n * d + v * d) + 8.0 * n, grad_argnums=(0, 1),
+    )
+
+
+def cases(shapes: str) -> list[BenchCase]:
+    return [_case(*s) for s in _SHAPES[shapes]]

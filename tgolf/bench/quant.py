@@ -1,0 +1,53 @@
+"""Quantization-aware linear layers: fake-quant QAT (int4–int8 weights) and fp8 GEMMs.
+
+Anchors: bf16 ``F.linear`` (cuBLAS), the eager reference and its torch.compile (the fake-quant cost is the
+overhead a QAT kernel must remove), and each op's alternative mode.
+"""
+from __future__ import annotations
+
+import torch
+
+from tgolf.bench.anchors import compiled, cublas_linear, eager, generator, lazy, op, randn
+from tgolf.bench.core import BenchCase
+
+_SHAPES = {
+    "quick": [(48, 96, 80)],
+    "contest": [(65536, 512, 1024), (65536, 1024, 512), (65536, 768, 3072)],
+    "sweep": [(65536, k, n) for k, n in [(512, 512), (512, 1024), (512, 1536), (1024, 512), (768, 768),
+                                         (768, 2304), (768, 3072), (3072, 768)]],
+}
+
+
+def _inputs(m: int, k: int, n: int):
+    def make(device: torch.device, seed: int) -> tuple:
+        gen = generator(device, seed)
+        return (randn((m, k), gen, device, torch.bfloat16), randn((n, k), gen, device, torch.bfloat16, k ** -0.5))
+    return make
+
+
+# tgolf's own alternatives, timed beside the default: QAT with a dequantized copy and cuBLAS instead of the
+# fused Triton GEMMs; fp8 with fp8 backward GEMMs too (different numerics: timed, not checked).
+_VARIANTS = {"qat_linear": ("dense_gemm", dict(gemm="dense")), "fp8_linear": ("fp8_backward", dict(fp8_backward=True))}
+
+
+def _case(name: str, m: int, k: int, n: int, precision: str, label: str, **kwargs) -> BenchCase:
+    reference = lazy(f"tgolf.ops.quant.reference:{name}_reference", bias=None, **kwargs)
+    variant, extra = _VARIANTS[name]
+    anchors = {"cublas_bf16": cublas_linear(), "eager": eager(reference), "compiled": compiled(reference),
+               variant: op(f"tgolf.ops.quant:{name}", bias=None, **kwargs, **extra)}
+    return BenchCase(
+        op=f"quant.{name}", label=f"M{m} K{k} N{n} {label}", shape=dict(M=m, K=k, N=n),
+        make_inputs=_inputs(m, k, n), candidate=op(f"tgolf.ops.quant:{name}", bias=None, **kwargs),
+        reference=reference, anchors=anchors,
+        flops=2.0 * m * k * n, bytes=2.0 * (m * k + n * k + m * n), bwd_bytes=2.0 * 3 * (m * k + n * k + m * n),
+        grad_argnums=(0, 1), precision=precision,
+    )
+
+
+def cases(shapes: str) -> list[BenchCase]:
+    first, *rest = _SHAPES[shapes]
+    out = [_case("qat_linear", *first, precision="bf16", label="int6", bits=6),
+           _case("qat_linear", *first, precision="bf16", label="int4 g128", bits=4, group_size=128)]
+    out += [_case("qat_linear", *s, precision="bf16", label="int6", bits=6) for s in rest]
+    out += [_case("fp8_linear", *s, precision="fp8", label="fp8 tensor", scaling="tensor") for s in _SHAPES[shapes]]
+    return out

@@ -1,0 +1,70 @@
+"""Benchmark results as JSON (everything) and a markdown table (one row per op, size and mode)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tgolf.bench.limits import H100_HBM_BYTES_PER_S, H100_NAME, H100_PEAK_FLOPS
+
+
+def limits_block() -> dict:
+    return {"name": H100_NAME, "peak_flops": H100_PEAK_FLOPS, "hbm_bytes_per_s": H100_HBM_BYTES_PER_S}
+
+
+def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
+    def clean(value):  # JSON has no inf/nan: write them as strings
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+    path.write_text(json.dumps(clean({"meta": meta, "limits": limits_block(), "rows": rows}), indent=1) + "\n")
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def _anchor_text(name: str, entry: dict) -> str:
+    if entry.get("status") != "ok":
+        return f"{name}: {entry.get('status', '?')}"
+    return f"{name} {entry['median_ms']:.3f} ms ({entry['speedup']:.2f}×)"
+
+
+def _time_text(row: dict) -> str:
+    t = row.get("time")
+    return "" if not t else f"{t['median_ms']:.3f} ± {(t['q75_ms'] - t['q25_ms']) / 2:.3f}"
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [
+        f"# tgolf benchmarks — {meta.get('device_name', '?')} ({meta.get('device', '?')})",
+        "",
+        f"{meta.get('date_utc', '')} · torch {meta.get('torch')} · triton {meta.get('triton')} · "
+        f"commit {meta.get('git_commit')} · shapes `{meta.get('shapes')}`",
+        "",
+        f"`{meta.get('command', '')}`",
+        "",
+        "Time: median ± half the interquartile range over the repetitions (ms). Speedup in brackets: anchor "
+        "time / tgolf time (> 1: tgolf faster). % of peak: against the "
+        f"{H100_NAME} limits (bf16 {H100_PEAK_FLOPS['bf16'] / 1e12:.0f}, fp8/int8 "
+        f"{H100_PEAK_FLOPS['int8'] / 1e12:.0f} TFLOP/s; {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s). "
+        "A row that failed its correctness check has no time.",
+        "",
+        "| op | size | dtype | mode | status | backend | rel err | time ms | TFLOP/s | GB/s | % peak FLOP/s "
+        "| % peak BW | anchors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        anchors = "; ".join(_anchor_text(n, e) for n, e in r.get("anchors", {}).items())
+        err = r.get("rel_err")
+        lines.append("| " + " | ".join([
+            r["op"], r.get("size", ""), r.get("dtype", ""), r.get("mode", ""), r["status"].replace("|", "/"),
+            str(r.get("backend") or ""), "" if err is None else f"{err:.2e}", _time_text(r),
+            _num(r.get("tflops"), ".1f"), _num(r.get("gbps"), ".0f"), _num(r.get("pct_peak_flops"), ".1f"),
+            _num(r.get("pct_peak_bw"), ".1f"), anchors.replace("|", "/"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""TernaryLinear: a drop-in ``nn.Linear`` whose forward uses ternary weights {-1, 0, +1} × absmean scales.
+
+The latent weight stays a full-precision ``weight`` parameter (same state dict as ``nn.Linear``); the forward
+quantizes it (tgolf.ops.ternary) and gradients reach it through a straight-through estimator.
+
+Quantization cache: the codes, scales and 2-bit packed codes are computed once per weight update, not once per
+micro-batch. The cache key is (global optimizer-step counter, ``weight._version``, storage address, dtype, device):
+
+* ``weight._version`` grows with every in-place change made through the parameter (``optimizer.step()`` under
+  ``no_grad``, ``copy_``, ``load_state_dict``); the storage address changes when ``.to()``/``.cuda()`` swap it;
+* a global hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) counts every ``step()`` of every
+  torch optimizer, which also catches optimizers that write through ``p.data`` (no version bump there).
+  Anything else that writes through ``weight.data`` must call ``invalidate()``.
+
+A refresh allocates new tensors (never writes into old ones), so the codes saved by an earlier forward for its
+backward stay intact. Under ``torch.compile`` no Python-side state can be trusted inside the graph, so the
+quantization is traced into the graph and runs every forward (one pass over the weight, small beside the GEMMs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from tgolf.ops.ternary import (PACKED_MAX_M, int8_linear, packed_matmul, ternary_linear_quantized,
+                               ternary_quantize)
+from tgolf.ops.ternary.reference import check_act_bits, group_count
+
+__all__ = ["TernaryLinear"]
+
+_optimizer_steps = 0
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+class TernaryLinear(nn.Linear):
+    """``nn.Linear`` with ternary weights (BitNet b1.58); ``act_bits=8`` adds per-token int8 activations.
+
+    ``group_size``: None for one absmean scale per output row, else one per ``group_size`` input columns.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None,
+                 act_bits: int | None = None, device=None, dtype=None):
+        group_count(in_features, group_size)
+        check_act_bits(act_bits)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.group_size = group_size
+        self.act_bits = act_bits
+        self._cache: tuple | None = None  # (key, codes, scales, packed)
+
+    def _cache_key(self) -> tuple | None:
+        w = self.weight
+        try:
+            version = w._version
+        except RuntimeError:  # inference-mode tensors have no version counter: never cache
+            return None
+        return (_optimizer_steps, version, w.data_ptr(), w.dtype, w.device, self.group_size)
+
+    def invalidate(self) -> None:
+        """Forget the cached quantization (after writing the weight through ``weight.data``)."""
+        self._cache = None
+
+    def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes int8 [N, K], scales f32 [N, G], packed uint8 [N, ⌈K/4⌉]) of the current weight."""
+        if torch.compiler.is_compiling():
+            return ternary_quantize(self.weight, self.group_size)
+        key = self._cache_key()
+        if key is None or self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                quantized = ternary_quantize(self.weight, self.group_size)
+            self._cache = None if key is None else (key, *quantized)
+            return quantized
+        return self._cache[1:]
+
+    def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes int8 [N, K] in {-1, 0, 1}, scales float32 [N, G] exactly representable in fp16)."""
+        codes, scales, _ = self.quantized()
+        return codes, scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes, scales, packed = self.quantized()
+        if not torch.is_grad_enabled():  # inference: packed weights for few tokens, fused int8 kernels
+            tokens = x.numel() // max(x.shape[-1], 1)
+            if self.act_bits == 8:
+                return int8_linear(x, codes, scales, self.bias, self.group_size)
+            if tokens <= PACKED_MAX_M:
+                y = packed_matmul(x, packed, scales, self.in_features, self.group_size)
+                return y if self.bias is None else y + self.bias.to(y.dtype)
+        return ternary_linear_quantized(x, self.weight, codes, scales, self.bias, self.group_size, self.act_bits)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, group_size={self.group_size}, act_bits={self.act_bits}"

@@ -1,0 +1,324 @@
+"""Ternary linear layers (BitNet b1.58): public functions, torch.library ops, backend choice and autograd.
+
+Ops under ``torch.ops.tgolf`` (each with a fake implementation, so torch.compile traces them; each picks its
+backend per call with ``tgolf.backend.choose``):
+
+* ``ternary_quantize(w, group_size) -> (codes int8 [N, K], scales f32 [N, G], packed uint8 [N, ⌈K/4⌉])``
+* ``ternary_mm(x, codes, scales, bias?, group_size) -> x @ Wqᵀ + bias`` in x's dtype, codes read directly
+* ``ternary_mm_grad_input(g, codes, scales, group_size) -> g @ Wq``
+* ``ternary_act_quant(x) -> (codes int8 [M, K], scales f32 [M])``, per-token absmax
+* ``ternary_int8_mm(xq, xs, codes, scales, bias?, group_size, out_dtype)``: int8 × int8 → int32, scales after
+* ``ternary_int8_linear(x, codes, scales, bias?, group_size)``: act quant + int8 GEMM, no autograd (inference)
+* ``ternary_packed_mm(x, packed, scales, in_features, group_size)``: 2-bit weights, small M (decoding)
+
+``group_size`` 0 means one scale per row. The int8 path quantizes activations in a separate kernel rather than in
+the GEMM's prologue: a prologue would recompute each token's absmax once per column block, and the backward needs
+the int8 codes anyway (the weight gradient is ``(g·s_x)ᵀ @ x_codes``), so writing them costs nothing extra.
+The weight gradient is a plain dense GEMM (no quantized operand: the STE hands the latent weight the gradient of
+the dequantized one) reduced over all tokens, so it goes to cuBLAS via torch.matmul.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from tgolf import backend
+from tgolf.ops.ternary.packing import pack2, packed_length, unpack2
+from tgolf.ops.ternary.reference import (check_act_bits, dequantize_ternary, group_count, quantize_activations_int8,
+                                         quantize_ternary, ternary_linear_reference)
+
+PACKED_MAX_M = 64  # up to this many tokens, inference reads the 2-bit weights (memory-bound regime)
+_CUDA_PACKED = "ternary_packed_mm_cuda"
+_CUDA_INT8 = "ternary_int8_linear_cuda"
+
+__all__ = ["ternary_linear", "ternary_linear_quantized", "ternary_quantize", "packed_matmul", "int8_linear",
+           "pack2", "unpack2", "quantize_ternary", "dequantize_ternary", "quantize_activations_int8",
+           "ternary_linear_reference", "PACKED_MAX_M"]
+
+
+def _kernels():
+    from tgolf.kernels import ternary as kernels  # imported on first use: triton only where a kernel runs
+
+    return kernels
+
+
+def _choice(device: torch.device, cuda_name: str | None = None) -> str:
+    return backend.choose(device, cuda_name=cuda_name).backend
+
+
+def _gs(group_size: int, in_features: int) -> int | None:
+    """Op-level group size (0 = per row) → reference-level (None = per row)."""
+    return None if group_size == 0 or group_size >= in_features else group_size
+
+
+def _kernel_gs(group_size: int, in_features: int) -> int:
+    """Op-level group size → the kernels' (in_features for one scale per row)."""
+    return in_features if group_size == 0 else min(group_size, in_features)
+
+
+# ------------------------------------------------------------------------------------------------------- the ops
+
+@torch.library.custom_op("tgolf::ternary_quantize", mutates_args=())
+def _quantize_op(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = w.shape[1]
+    if _choice(w.device) == "triton":
+        return _kernels().quantize_weight(w.contiguous(), _kernel_gs(group_size, k))
+    codes, scales = quantize_ternary(w, _gs(group_size, k))
+    return codes, scales, pack2(codes)
+
+
+@_quantize_op.register_fake
+def _(w, group_size):
+    n, k = w.shape
+    groups = group_count(k, _gs(group_size, k))
+    return (w.new_empty((n, k), dtype=torch.int8), w.new_empty((n, groups), dtype=torch.float32),
+            w.new_empty((n, packed_length(k)), dtype=torch.uint8))
+
+
+@torch.library.custom_op("tgolf::ternary_mm", mutates_args=())
+def _mm_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+           group_size: int) -> torch.Tensor:
+    k = codes.shape[1]
+    if _choice(x.device) == "triton":
+        kn = _kernels()
+        return kn.ternary_mm(x, codes, scales, _kernel_gs(group_size, k), kn.MODE_FORWARD, k, bias=bias,
+                             interpret=backend.triton_interpret())
+    w = dequantize_ternary(codes, scales, _gs(group_size, k)).to(x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@_mm_op.register_fake
+def _(x, codes, scales, bias, group_size):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+@torch.library.custom_op("tgolf::ternary_mm_grad_input", mutates_args=())
+def _mm_grad_input_op(g: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    k = codes.shape[1]
+    if _choice(g.device) == "triton":
+        kn = _kernels()
+        return kn.ternary_mm(g, codes, scales, _kernel_gs(group_size, k), kn.MODE_GRAD_INPUT, k,
+                             interpret=backend.triton_interpret())
+    return g @ dequantize_ternary(codes, scales, _gs(group_size, k)).to(g.dtype)
+
+
+@_mm_grad_input_op.register_fake
+def _(g, codes, scales, group_size):
+    return g.new_empty((g.shape[0], codes.shape[1]))
+
+
+@torch.library.custom_op("tgolf::ternary_act_quant", mutates_args=())
+def _act_quant_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if _choice(x.device) == "triton":
+        return _kernels().quantize_activations(x)
+    return quantize_activations_int8(x)
+
+
+@_act_quant_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+def _int8_mm_reference(xq, xs, codes, scales, bias, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Same operation order as the kernel: integer products (exact in float64), fp32 scales, then bias."""
+    k = codes.shape[1]
+    gs = _kernel_gs(group_size, k)
+    acc = torch.zeros((xq.shape[0], codes.shape[0]), dtype=torch.float32, device=xq.device)
+    for g, k0 in enumerate(range(0, k, gs)):
+        part = (xq[:, k0:k0 + gs].double() @ codes[:, k0:k0 + gs].double().T).float()
+        acc = part * scales[:, 0] if scales.shape[1] == 1 else acc + part * scales[:, g]
+    acc = acc * xs[:, None]
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
+def _int8_mm_any(xq, xs, codes, scales, bias, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    k = codes.shape[1]
+    kn = _kernels() if _choice(xq.device) == "triton" else None
+    if kn is not None and kn.int8_block_k(_kernel_gs(group_size, k), k) is not None:
+        return kn.int8_mm(xq, xs, codes, scales, _kernel_gs(group_size, k), out_dtype, bias=bias,
+                          interpret=backend.triton_interpret())
+    return _int8_mm_reference(xq, xs, codes, scales, bias, group_size, out_dtype)
+
+
+@torch.library.custom_op("tgolf::ternary_int8_mm", mutates_args=())
+def _int8_mm_op(xq: torch.Tensor, xs: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                bias: Optional[torch.Tensor], group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
+    return _int8_mm_any(xq, xs, codes, scales, bias, group_size, out_dtype)
+
+
+@_int8_mm_op.register_fake
+def _(xq, xs, codes, scales, bias, group_size, out_dtype):
+    return xq.new_empty((xq.shape[0], codes.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("tgolf::ternary_int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                    group_size: int) -> torch.Tensor:
+    if scales.shape[1] == 1 and x.dtype == torch.bfloat16 and _choice(x.device, _CUDA_INT8) == "cuda":
+        y = backend.cuda_op(_CUDA_INT8)(x, codes, scales[:, 0].contiguous())
+        return y if bias is None else y + bias.to(y.dtype)
+    xq, xs = _act_quant_op(x)
+    return _int8_mm_any(xq, xs, codes, scales, bias, group_size, x.dtype)
+
+
+@_int8_linear_op.register_fake
+def _(x, codes, scales, bias, group_size):
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+@torch.library.custom_op("tgolf::ternary_packed_mm", mutates_args=())
+def _packed_mm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
+                  group_size: int) -> torch.Tensor:
+    choice = _choice(x.device, _CUDA_PACKED)
+    if choice == "cuda" and x.dtype == torch.bfloat16:
+        return backend.cuda_op(_CUDA_PACKED)(x, packed, scales, 0 if scales.shape[1] == 1 else group_size)
+    if choice in ("cuda", "triton"):
+        kn = _kernels()
+        return kn.ternary_mm(x, packed, scales, _kernel_gs(group_size, in_features), kn.MODE_PACKED, in_features,
+                             interpret=backend.triton_interpret())
+    w = dequantize_ternary(unpack2(packed, in_features), scales, _gs(group_size, in_features))
+    return F.linear(x, w.to(x.dtype))
+
+
+@_packed_mm_op.register_fake
+def _(x, packed, scales, in_features, group_size):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+for _name, _cuda in (("quantize", None), ("linear", None), ("act_quant", None), ("int8_mm", None),
+                     ("int8_linear", _CUDA_INT8), ("packed_mm", _CUDA_PACKED)):
+    backend.register_op(f"ternary.{_name}", lambda device, _cuda=_cuda: backend.choose(device, cuda_name=_cuda))
+
+
+# -------------------------------------------------------------------------------------------------------- autograd
+
+class _TernaryLinearFn(torch.autograd.Function):
+    """y = x @ Wqᵀ + b from cached codes; STE gradients to x and the latent weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, codes, scales, bias, group_size: int, act_bits):
+        if act_bits == 8:
+            xq, xs = torch.ops.tgolf.ternary_act_quant(x)
+            y = torch.ops.tgolf.ternary_int8_mm(xq, xs, codes, scales, bias, group_size, x.dtype)
+            ctx.save_for_backward(xq, xs, codes, scales)
+        else:
+            y = torch.ops.tgolf.ternary_mm(x, codes, scales, bias, group_size)
+            ctx.save_for_backward(x, codes, scales)
+        ctx.group_size, ctx.act_bits, ctx.weight_dtype = group_size, act_bits, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        codes, scales = saved[-2:]
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.tgolf.ternary_mm_grad_input(grad, codes, scales, ctx.group_size)
+        if ctx.needs_input_grad[1]:
+            if ctx.act_bits == 8:  # gᵀ @ (x_codes · s_x) = (g · s_x)ᵀ @ x_codes; int8 codes are exact in bf16
+                xq, xs = saved[0], saved[1]
+                grad_w = (grad.float() * xs[:, None]).to(grad.dtype).T @ xq.to(grad.dtype)
+            else:
+                grad_w = grad.T @ saved[0]
+            grad_w = grad_w.to(ctx.weight_dtype)
+        if ctx.needs_input_grad[4]:
+            grad_b = grad.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, None, None, grad_b, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, group_size: int | None, act_bits: int | None) -> int:
+    if weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(f"weight must be 2-D [out_features, in_features >= 1], got shape {tuple(weight.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x has shape {tuple(x.shape)}: its last dimension must equal in_features="
+                         f"{weight.shape[1]}")
+    check_act_bits(act_bits)
+    group_count(weight.shape[1], group_size)  # validates group_size
+    return 0 if group_size is None or group_size >= weight.shape[1] else group_size
+
+
+def ternary_quantize(weight: torch.Tensor, group_size: int | None = None):
+    """(codes int8 [N, K], scales f32 [N, G], packed uint8 [N, ⌈K/4⌉]) of a latent weight (no autograd)."""
+    if weight.dim() != 2 or weight.shape[1] == 0:
+        raise ValueError(f"weight must be 2-D [out_features, in_features >= 1], got shape {tuple(weight.shape)}")
+    group_count(weight.shape[1], group_size)
+    gs = 0 if group_size is None or group_size >= weight.shape[1] else group_size
+    return torch.ops.tgolf.ternary_quantize(weight.detach(), gs)
+
+
+def ternary_linear_quantized(x: torch.Tensor, weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                             bias: torch.Tensor | None = None, group_size: int | None = None,
+                             act_bits: int | None = None) -> torch.Tensor:
+    """``ternary_linear`` with the weight already quantized (``codes``, ``scales`` of ``weight``, e.g. cached)."""
+    gs = _check(x, weight, group_size, act_bits)
+    n, k = weight.shape
+    if codes.shape != (n, k) or codes.dtype != torch.int8:
+        raise ValueError(f"codes: expected int8 {(n, k)}, got {codes.dtype} {tuple(codes.shape)}")
+    if scales.shape != (n, group_count(k, None if gs == 0 else gs)) or scales.dtype != torch.float32:
+        raise ValueError(f"scales: expected float32 [{n}, G] for group_size={group_size}, got "
+                         f"{scales.dtype} {tuple(scales.shape)}")
+    dtype = _compute_dtype(x)
+    x2 = x.reshape(-1, k).to(dtype).contiguous()
+    y = _TernaryLinearFn.apply(x2, weight, codes, scales, bias, gs, act_bits)
+    return y.reshape(*x.shape[:-1], n)
+
+
+def ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   group_size: int | None = None, act_bits: int | None = None) -> torch.Tensor:
+    """Ternary linear layer: ``x @ ternary(weight)ᵀ + bias`` with STE gradients (see reference.py for the math).
+
+    Quantizes ``weight`` on every call; TernaryLinear caches the quantization per optimizer step instead.
+    Under autocast the GEMMs run in the autocast dtype, otherwise in x's dtype.
+    """
+    _check(x, weight, group_size, act_bits)
+    codes, scales, _ = ternary_quantize(weight, group_size)
+    return ternary_linear_quantized(x, weight, codes, scales, bias, group_size, act_bits)
+
+
+def _inference_args(x: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int | None) -> int:
+    if not x.dtype.is_floating_point or x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x: expected a floating-point tensor [..., {in_features}], got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    groups = group_count(in_features, group_size)
+    gs = 0 if group_size is None or group_size >= in_features else group_size
+    if scales.dim() != 2 or scales.shape[1] != (1 if gs == 0 else groups) or scales.dtype != torch.float32:
+        raise ValueError(f"scales: expected float32 [N, {1 if gs == 0 else groups}], got {scales.dtype} "
+                         f"{tuple(scales.shape)}")
+    return gs
+
+
+def packed_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
+                  group_size: int | None = None) -> torch.Tensor:
+    """``x @ Wqᵀ`` from 2-bit packed weights (inference, no autograd); meant for few tokens (decoding)."""
+    gs = _inference_args(x, scales, in_features, group_size)
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape != (scales.shape[0],
+                                                                            packed_length(in_features)):
+        kind = "truncated" if packed.dim() == 2 and packed.shape[1] < packed_length(in_features) else "malformed"
+        raise ValueError(f"{kind} packed weight: expected uint8 [{scales.shape[0]}, {packed_length(in_features)}] "
+                         f"for in_features={in_features}, got {packed.dtype} {tuple(packed.shape)}")
+    x2 = x.reshape(-1, in_features).to(_compute_dtype(x)).contiguous()
+    y = torch.ops.tgolf.ternary_packed_mm(x2, packed.contiguous(), scales.contiguous(), in_features, gs)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+                group_size: int | None = None) -> torch.Tensor:
+    """Inference form of the ``act_bits=8`` layer (no autograd): per-token int8 activations × ternary codes."""
+    gs = _inference_args(x, scales, codes.shape[1], group_size)
+    x2 = x.reshape(-1, codes.shape[1]).to(_compute_dtype(x)).contiguous()
+    y = torch.ops.tgolf.ternary_int8_linear(x2, codes.contiguous(), scales.contiguous(), bias, gs)
+    return y.reshape(*x.shape[:-1], codes.shape[0])

@@ -1,0 +1,154 @@
+"""Step-by-step time accounting from a torch.profiler chrome trace.
+
+Each step is a window (a ``tgolf_step#N`` or ``ProfilerStep#N`` range). Inside it, time is cut at every
+event boundary; each slice goes to the category of the innermost busy event covering it (the latest to
+start), or to ``idle`` when none does. So the categories and idle add up to the step's duration exactly,
+overlaps (nested CPU operators, concurrent GPU streams) are never counted twice, and an operator's parent
+gets only its own (exclusive) time.
+
+Busy events are GPU kernels, memcpys and memsets when the trace has any (a GPU run: idle is time the GPU
+waited), else CPU operators (a CPU run: idle is Python and framework time between operators).
+"""
+from __future__ import annotations
+
+import gzip
+import heapq
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tgolf.profile.categories import CATEGORIES, IDLE, categorize
+
+STEP_RE = re.compile(r"^(?:tgolf_step|ProfilerStep)#(\d+)$")
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+HOST_CATS = ("cpu_op",)
+RANGE_CATS = ("user_annotation",)
+LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+
+
+@dataclass
+class Event:
+    name: str
+    cat: str
+    start: float  # µs
+    end: float
+    tid: object = 0
+    correlation: int | None = None
+
+
+@dataclass
+class StepTimes:
+    step: int
+    ms: float
+    categories: dict[str, float]  # ms per category, IDLE included; sums to ms
+
+
+@dataclass
+class TraceAnalysis:
+    source: str  # "gpu" or "cpu": which events counted as busy
+    steps: list[StepTimes]
+    top: list[tuple[str, str, float]] = field(default_factory=list)  # (category, name, ms over all steps)
+
+    def totals(self) -> dict[str, float]:
+        out = {c: 0.0 for c in (*CATEGORIES, IDLE)}
+        for s in self.steps:
+            for c, ms in s.categories.items():
+                out[c] += ms
+        return out
+
+    @property
+    def total_ms(self) -> float:
+        return sum(s.ms for s in self.steps)
+
+
+def load_events(path: str | Path) -> list[Event]:
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        data = json.load(f)
+    raw = data["traceEvents"] if isinstance(data, dict) else data
+    events = []
+    for e in raw:
+        if e.get("ph") != "X" or "dur" not in e:
+            continue
+        start = float(e["ts"])
+        args = e.get("args") or {}
+        events.append(Event(e.get("name", ""), e.get("cat", ""), start, start + float(e["dur"]), e.get("tid", 0),
+                            args.get("correlation")))
+    return events
+
+
+def _enclosing(queries: list[tuple[float, object]], ranges: list[Event]) -> list[list[str]]:
+    """For each (timestamp, thread), the names of the ranges on that thread containing it, outermost first."""
+    by_tid: dict[object, list[Event]] = defaultdict(list)
+    for r in ranges:
+        by_tid[r.tid].append(r)
+    for lst in by_tid.values():
+        lst.sort(key=lambda r: (r.start, -r.end))
+    result: list[list[str]] = [[] for _ in queries]
+    order = sorted(range(len(queries)), key=lambda i: (str(queries[i][1]), queries[i][0]))
+    tid, pending, active, j = object(), [], [], 0
+    for i in order:
+        ts, qtid = queries[i]
+        if qtid != tid:
+            tid, pending, active, j = qtid, by_tid.get(qtid, []), [], 0
+        while j < len(pending) and pending[j].start <= ts:
+            active.append(pending[j])
+            j += 1
+        active = [r for r in active if r.end >= ts]
+        result[i] = [r.name for r in active]
+    return result
+
+
+def _attribute(window: tuple[float, float], busy: list[tuple[float, float, str, str]],
+               top: dict[tuple[str, str], float]) -> dict[str, float]:
+    """Sweep one window; busy = (start, end, category, name) already clipped to the window. Returns µs."""
+    lo, hi = window
+    out = {c: 0.0 for c in (*CATEGORIES, IDLE)}
+    busy = sorted(busy, key=lambda e: (e[0], e[1]))
+    bounds = sorted({lo, hi, *(e[0] for e in busy), *(e[1] for e in busy)})
+    heap: list[tuple[float, float, int]] = []  # (-start, end, index): latest start first, then shortest
+    k = 0
+    for a, b in zip(bounds, bounds[1:]):
+        while k < len(busy) and busy[k][0] <= a:
+            heapq.heappush(heap, (-busy[k][0], busy[k][1], k))
+            k += 1
+        while heap and heap[0][1] <= a:
+            heapq.heappop(heap)
+        if heap:
+            _, _, idx = heap[0]
+            out[busy[idx][2]] += b - a
+            top[(busy[idx][2], busy[idx][3])] += b - a
+        else:
+            out[IDLE] += b - a
+    return out
+
+
+def analyze(events: list[Event], top_n: int = 20) -> TraceAnalysis:
+    steps = sorted(((int(m.group(1)), e) for e in events if (m := STEP_RE.match(e.name))), key=lambda s: s[1].start)
+    if not steps:
+        raise ValueError("trace has no step ranges (tgolf_step#N or ProfilerStep#N): record steps with "
+                         "tgolf.profile or torch.profiler's schedule")
+    device = [e for e in events if e.cat in DEVICE_CATS]
+    source = "gpu" if device else "cpu"
+    busy = device if device else [e for e in events if e.cat in HOST_CATS and not STEP_RE.match(e.name)]
+    ranges = [e for e in events if e.cat in RANGE_CATS and not STEP_RE.match(e.name)]
+    if device:  # a kernel's ranges are those around its launch on the CPU
+        launches = {e.correlation: e for e in events if e.cat in LAUNCH_CATS and e.correlation is not None}
+        anchors = [launches.get(e.correlation, e) for e in busy]
+    else:
+        anchors = busy
+    names = _enclosing([(a.start, a.tid) for a in anchors], ranges)
+    labelled = [(e.start, e.end, categorize(e.name, e.cat, rs), e.name) for e, rs in zip(busy, names)]
+
+    top: dict[tuple[str, str], float] = defaultdict(float)
+    results = []
+    for number, window in steps:
+        lo, hi = window.start, window.end
+        clipped = [(max(s, lo), min(t, hi), c, n) for s, t, c, n in labelled if t > lo and s < hi]
+        per_cat = _attribute((lo, hi), clipped, top)
+        results.append(StepTimes(number, (hi - lo) / 1e3, {c: us / 1e3 for c, us in per_cat.items()}))
+    ranked = sorted(((c, n, us / 1e3) for (c, n), us in top.items()), key=lambda t: -t[2])[:top_n]
+    return TraceAnalysis(source, results, ranked)
