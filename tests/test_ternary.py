@@ -465,6 +465,149 @@ def test_convert_back_to_dense_reproduces_the_quantized_forward():
         tgolf.convert(model, "int3")
 
 
+# ---------------------------------------------------------------------------- CUDA dispatch (fake CUDA ops on the CPU)
+
+class _FakeCudaOps:
+    """Stand-ins for tgolf._C's ternary ops: assert the documented contract (tgolf/_extension.py), record each
+    call, return the op's PyTorch twin. The routing in tgolf.ops.ternary is tested without a GPU."""
+
+    def __init__(self):
+        from tgolf import _extension as ext
+
+        self.ext = ext
+        self.calls: list[tuple] = []
+        self.ops = {"ternary_packed_mm_cuda": self.packed_mm, "ternary_int8_linear_cuda": self.int8_linear,
+                    "ternary_int8_mm_cuda": self.int8_mm}
+
+    def names(self) -> list[str]:
+        return [c[0] for c in self.calls]
+
+    def packed_mm(self, x, packed, scales, group_size):
+        k = x.shape[1]
+        assert x.dtype == torch.bfloat16 and packed.dtype == torch.uint8 and packed.shape[1] == (k + 3) // 4
+        assert group_size == 0 or (group_size > 0 and group_size % 64 == 0), group_size
+        assert scales.shape == (packed.shape[0], -(-k // group_size) if group_size else 1)
+        self.calls.append(("ternary_packed_mm_cuda", group_size))
+        return self.ext.ternary_packed_mm_reference(x, packed, scales, group_size)
+
+    def int8_linear(self, x, codes, scales):
+        assert x.dtype == torch.bfloat16 and codes.dtype == torch.int8 and scales.shape == (codes.shape[0],)
+        self.calls.append(("ternary_int8_linear_cuda", x))
+        return self.ext.ternary_int8_linear_reference(x, codes, scales)
+
+    def int8_mm(self, xq, xscale, codes, scales):
+        assert xq.dtype == torch.int8 and codes.dtype == torch.int8 and xscale.shape == (xq.shape[0],)
+        assert scales.dtype == torch.float32 and scales.shape == (codes.shape[0],)
+        self.calls.append(("ternary_int8_mm_cuda", xq, xscale))
+        return self.ext.ternary_int8_mm_reference(xq, xscale, codes, scales)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Every op with a CUDA kernel sees it as built and usable (CPU tensors stand in for CUDA ones)."""
+    monkeypatch.delenv("TGOLF_BACKEND", raising=False)
+    fake = _FakeCudaOps()
+    real_choose = backend.choose
+
+    def choose(device, cuda_name=None, has_triton=True):
+        if cuda_name in fake.ops and backend.forced_backend() in (None, "cuda"):
+            return backend.Choice("cuda", f"CUDA kernel torch.ops.tgolf.{cuda_name}")
+        return real_choose(device, has_triton=has_triton)
+
+    monkeypatch.setattr(backend, "choose", choose)
+    monkeypatch.setattr(backend, "cuda_op", fake.ops.get)
+    return fake
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_size", [None, 64, 128, 16, 96, 256])
+def test_packed_matmul_sends_only_contract_group_sizes_to_cuda(fake_cuda, group_size, dtype):
+    k = 200  # groups of 64/128 leave a short last group; 256 ≥ K means one scale per row
+    codes, scales, packed = T.ternary_quantize(torch.randn(45, k), group_size)
+    x = torch.randn(5, k).to(dtype)
+    got = T.packed_matmul(x, packed, scales, k, group_size)
+    per_row = group_size is None or group_size >= k
+    expected = [("ternary_packed_mm_cuda", 0 if per_row else group_size)]
+    fits = dtype == torch.bfloat16 and (per_row or group_size % 64 == 0)
+    assert fake_cuda.calls == (expected if fits else [])
+    assert got.dtype == dtype
+    assert rel(got, x.float() @ R.dequantize_ternary(codes, scales, group_size).T) < 1e-2
+    if not fits:  # the fallback says why the CUDA kernel was not used
+        op_group = 0 if per_row else group_size
+        why = T._route(x.device, "ternary_packed_mm_cuda", lambda: T._packed_misfit(x, op_group))
+        assert why.backend == backend.choose(x.device).backend
+        assert ("multiple of 64" if op_group % 64 else "bfloat16 only") in why.reason
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_int8_training_forward_uses_cuda_gemm_for_per_row_scales(fake_cuda, group_size, bias):
+    x, w = torch.randn(37, 70), torch.randn(45, 70)
+    b = torch.randn(45) if bias else torch.zeros(45)
+    grad = torch.randn(37, 45)
+    fn = _autocast(lambda x, w, b: T.ternary_linear(x, w, b if bias else None, group_size, 8))
+    got = _run(fn, x, w, b, grad)
+    ref = _run(_autocast(lambda x, w, b: R.ternary_linear_reference(x, w, b if bias else None, group_size, 8)),
+               x, w, b, grad)
+    for g, r in zip(got[:3], ref[:3]):
+        assert rel(g, r) < 1e-2
+    if group_size is not None:  # grouped scales never reach the per-row CUDA GEMM
+        assert fake_cuda.calls == []
+        return
+    assert fake_cuda.names() == ["ternary_int8_mm_cuda"]  # not the fused op: the backward needs the int8 codes
+    _, xq, xs = fake_cuda.calls[0]
+    ref_q, ref_s = R.quantize_activations_int8(x.bfloat16())
+    assert torch.equal(xq, ref_q) and torch.equal(xs, ref_s)
+    codes, scales = R.quantize_ternary(w)
+    expected = fake_cuda.ext.ternary_int8_mm_reference(ref_q, ref_s, codes, scales[:, 0])
+    assert torch.equal(got[0], expected + b.bfloat16() if bias else expected)  # exactly the kernel's output
+
+
+def test_int8_training_forward_in_fp32_stays_off_the_bf16_kernel(fake_cuda):
+    x, w = torch.randn(9, 70), torch.randn(45, 70)
+    y = T.ternary_linear(x, w, act_bits=8)
+    assert fake_cuda.calls == [] and y.dtype == torch.float32
+    assert rel(y, R.ternary_linear_reference(x, w, act_bits=8)) < 1e-5
+
+
+@pytest.mark.parametrize("group_size", [None, 16])
+def test_int8_inference_uses_the_fused_cuda_op_for_per_row_scales(fake_cuda, group_size):
+    module = TernaryLinear(70, 45, bias=True, group_size=group_size, act_bits=8)
+    x = torch.randn(80, 70).bfloat16()
+    with torch.no_grad():
+        got = module(x)
+        want = R.ternary_linear_reference(x.float(), module.weight, module.bias, group_size, 8)
+    assert fake_cuda.names() == ([] if group_size else ["ternary_int8_linear_cuda"])
+    assert got.dtype == torch.bfloat16 and rel(got, want) < 1e-2
+
+
+def test_info_choosers_name_the_cuda_conditions(fake_cuda, monkeypatch):
+    cpu = torch.device("cpu")
+    conditions = {"ternary.packed_mm": "multiple of 64", "ternary.int8_mm": "one scale per row",
+                  "ternary.int8_linear": "one scale per row"}
+    for name, condition in conditions.items():
+        choice = backend.OP_CHOICES[name](cpu)
+        assert choice.backend == "cuda" and condition in choice.reason, (name, choice)
+        assert backend.choose(cpu).backend in choice.reason  # and what the other calls use
+    assert backend.OP_CHOICES["ternary.linear"](cpu).backend != "cuda"
+    monkeypatch.setenv("TGOLF_BACKEND", "triton")
+    assert all(backend.OP_CHOICES[name](cpu).backend != "cuda" for name in conditions)
+
+
+def test_bench_contest_set_holds_the_issue_targets():
+    from tgolf.bench.ternary import cases
+
+    rows = {(c.op, c.size_label): c for c in cases("contest")}
+    for k, n in ((512, 1536), (1536, 512), (512, 512), (768, 3072)):
+        for label in ("row", "row a8", "g128"):  # fwd+bwd vs bf16 / fake-quant / its compile; int8 fwd vs bf16
+            case = rows[("ternary.ternary_linear", f"M65536 K{k} N{n} {label}")]
+            assert case.grad_argnums == (0, 1) and {"cublas_bf16", "eager", "compiled"} <= set(case.anchors)
+    for k, n in ((512, 1536), (1536, 512)):  # per-row int8 forward: CUDA vs its Triton twin vs cuBLAS
+        assert {"cublas_bf16", "triton"} <= set(rows[("ternary.int8_linear", f"M65536 K{k} N{n} row")].anchors)
+    for m in (1, 4, 16):  # packed GEMV, 4096 × 4096
+        assert {"cublas_bf16", "triton"} <= set(rows[("ternary.packed_matmul", f"M{m} K4096 N4096 row")].anchors)
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 
 @pytest.mark.gpu
@@ -491,6 +634,26 @@ def test_triton_matches_reference_on_cuda(group_size, act_bits):
         assert rel(T.packed_matmul(xs, packed, scales, 512, group_size), xs.float() @ dense.T) < 1e-2
         xq, sx = R.quantize_activations_int8(xs)
         assert rel(T.int8_linear(xs, codes, scales, None, group_size), (xq.float() * sx[:, None]) @ dense.T) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_routing_on_the_gpu():
+    """With tgolf._C built: every group size works (those the packed kernel does not take fall back), and the
+    per-row act_bits=8 training forward is exactly the CUDA int8 GEMM's output."""
+    if backend.cuda_op("ternary_int8_mm_cuda") is None or backend.cuda_op("ternary_packed_mm_cuda") is None:
+        pytest.skip("tgolf._C was not built")
+    from tgolf import _extension as ext
+
+    w = torch.randn(96, 200, device="cuda") * 0.05
+    for group_size in (None, 16, 64, 96, 128):
+        codes, scales, packed = T.ternary_quantize(w, group_size)
+        x = torch.randn(5, 200, device="cuda", dtype=torch.bfloat16)
+        dense = R.dequantize_ternary(codes, scales, group_size)
+        assert rel(T.packed_matmul(x, packed, scales, 200, group_size), x.float() @ dense.T) < 1e-2
+    x = torch.randn(300, 200, device="cuda", dtype=torch.bfloat16)
+    codes, scales = R.quantize_ternary(w)
+    expected = ext.ternary_int8_mm_reference(*R.quantize_activations_int8(x), codes, scales[:, 0])
+    assert torch.equal(T.ternary_linear(x, w, act_bits=8), expected)
 
 
 def _fake_quant_linear(x, w):

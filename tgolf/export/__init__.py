@@ -1,1 +1,39 @@
+"""Export: quantize, serialize (no pickle), compress, account for bytes, reload, and package a submission.
 
+Typical use at the end of a run::
+
+    info = write_artifact(run_dir / "model.tgz", model, config, scheme=config.export_scheme,
+                          compressor=config.compressor)
+    check_budget(info, config.max_artifact_bytes)         # raises BudgetExceeded when over
+    scored_model, cfg = load_artifact(run_dir / "model.tgz", device)
+    ...
+    write_submission(dir, summary, log_path, config, code_files=[f for f, _ in info.code_files])
+
+Names are imported on first use, so that ``tgolf.export.packing`` (used by the ternary ops) does not pull in
+the model and the compressors: ops must not import the model.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "tgolf.export.artifact": ("ARTIFACT_LIMIT", "ArtifactInfo", "BudgetExceeded", "check_budget", "load_artifact",
+                              "read_artifact", "write_artifact"),
+    "tgolf.export.codebytes": ("CodeBytes", "count_code_bytes"),
+    "tgolf.export.compress": ("compress", "decompress"),
+    "tgolf.export.format": ("FormatError", "deserialize", "serialize"),
+    "tgolf.export.packing": ("pack_base3", "pack_bits", "unpack_base3", "unpack_bits"),
+    "tgolf.export.quantize": ("QuantTensor", "dequantize_model", "quantize_model"),
+    "tgolf.export.submission": ("record_folder_name", "write_submission"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'tgolf.export' has no attribute {name!r}")
+
+
+__all__ = sorted(_WHERE)

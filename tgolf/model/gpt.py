@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tgolf.nn import get_loss, make_attention, make_mlp
-from tgolf.profile.ranges import nvtx_range
+from tgolf.nvtx import nvtx_range
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tgolf.config import Config
-from tgolf.profile.ranges import enable_ranges, nvtx_range
+from tgolf.nvtx import enable_ranges, nvtx_range
 from tgolf.profile.telemetry import Telemetry
 
 

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tgolf.export import ArtifactTooLarge
+    from tgolf.export import BudgetExceeded
     from tgolf.train.loop import NonFiniteLoss, Preempted
     from tgolf.train.run import run
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"tgolf.train: stopped: {err}", file=sys.stderr)
         return 3
-    except ArtifactTooLarge as err:
+    except BudgetExceeded as err:
         print(f"tgolf.train: {err}", file=sys.stderr)
         return 4
     except Preempted as err:

@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tgolf.config import Config
-from tgolf.profile.ranges import nvtx_range
+from tgolf.nvtx import nvtx_range
 from tgolf.train import checkpoint, distributed
 from tgolf.train.distributed import DistEnv
 from tgolf.train.logging import RunLogger
@@ -213,11 +213,16 @@ class Trainer:
         progress = self.logger.progress(total=cfg.iterations, initial=self.step)
         with _SigtermFlag() as sigterm:
             segment_start = time.perf_counter()
+            previous_elapsed = self.train_seconds
             while self.step < cfg.iterations:
                 elapsed = self.train_seconds + time.perf_counter() - segment_start
                 done = self.step - start_step
                 mean_step = (elapsed - start_seconds) / done if done else 0.0
-                over_budget = budget > 0 and elapsed + mean_step > budget
+                # predict the next step by the slower of the mean and the last one, so a slow spell does not
+                # carry the run past the budget
+                next_step = max(mean_step, elapsed - previous_elapsed)
+                previous_elapsed = elapsed
+                over_budget = budget > 0 and elapsed + next_step > budget
                 bad, term, over = distributed.any_rank(
                     [self.nonfinite is not None, sigterm.raised, over_budget], env.device)
                 if bad:

@@ -113,7 +113,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "roundtrip_val_bpb": post["val_bpb"], "roundtrip_val_loss": post["val_loss"],
             "quantization_gap_bpb": post["val_bpb"] - pre["val_bpb"],
             "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
-            "compressor": info.compressor, "artifact_path": str(artifact_path),
+            "compressor": info.compressor, "export_scheme": cfg.export_scheme, "artifact_path": str(artifact_path),
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
             "train_seconds": result.train_seconds,
             "tokens_per_second": result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
@@ -130,7 +130,8 @@ def run(cfg: Config) -> dict[str, Any]:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             check_budget(info, cfg.max_artifact_bytes)  # fails loudly before any submission is written
             if cfg.submission_dir:
-                write_submission(cfg.submission_dir, summary, run_dir / "train.log", cfg.to_dict())
+                write_submission(cfg.submission_dir, summary, run_dir / "train.log", cfg.to_dict(),
+                                 name=cfg.run_id, code_files=[f for f, _ in info.code_files])
                 logger.log(f"submission written to {cfg.submission_dir}")
             logger.log(f"final val_bpb:{summary['val_bpb']:.4f} roundtrip_val_bpb:{summary['roundtrip_val_bpb']:.4f} "
                        f"artifact_bytes:{summary['artifact_bytes']:,} summary {run_dir / 'summary.json'}")

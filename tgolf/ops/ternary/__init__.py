@@ -16,10 +16,23 @@ the GEMM's prologue: a prologue would recompute each token's absmax once per col
 the int8 codes anyway (the weight gradient is ``(g·s_x)ᵀ @ x_codes``), so writing them costs nothing extra.
 The weight gradient is a plain dense GEMM (no quantized operand: the STE hands the latent weight the gradient of
 the dequantized one) reduced over all tokens, so it goes to cuBLAS via torch.matmul.
+
+CUDA kernels (tgolf/_extension.py has their contracts) are used only where their contract holds; otherwise the op
+runs its Triton kernel (or the reference), and ``_route`` says why in the Choice's reason:
+
+* ``ternary_packed_mm`` → ``ternary_packed_mm_cuda`` for bf16 x with one scale per row or group_size a multiple
+  of 64;
+* ``ternary_int8_mm`` (the training forward with ``act_bits=8``, after this family's activation quantization, whose
+  codes the backward reuses) → ``ternary_int8_mm_cuda`` for one scale per row and a bf16 output;
+* ``ternary_int8_linear`` (inference) → ``ternary_int8_linear_cuda`` (activation quantization fused) for one scale
+  per row and bf16 x.
+
+Grouped scales never reach the int8 CUDA ops (they take one scale per row): grouped int8 runs on Triton (group sizes
+that are multiples of 16) or the reference. The CUDA ops add no bias; it is added after them, in the output dtype.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +45,11 @@ from tgolf.ops.ternary.reference import (check_act_bits, dequantize_ternary, gro
 PACKED_MAX_M = 64  # up to this many tokens, inference reads the 2-bit weights (memory-bound regime)
 _CUDA_PACKED = "ternary_packed_mm_cuda"
 _CUDA_INT8 = "ternary_int8_linear_cuda"
+_CUDA_INT8_MM = "ternary_int8_mm_cuda"
+_CUDA_PACKED_GROUP = 64  # the packed CUDA kernel's group sizes: 0 (per row) or a multiple of this
+# Largest M each CUDA kernel's grid takes (row blocks of 64 / 128 in grid dimension y, at most 65535 of them).
+_CUDA_PACKED_MAX_M = 64 * 65535
+_CUDA_INT8_MAX_M = 128 * 65535
 
 __all__ = ["ternary_linear", "ternary_linear_quantized", "ternary_quantize", "packed_matmul", "int8_linear",
            "pack2", "unpack2", "quantize_ternary", "dequantize_ternary", "quantize_activations_int8",
@@ -46,6 +64,50 @@ def _kernels():
 
 def _choice(device: torch.device, cuda_name: str | None = None) -> str:
     return backend.choose(device, cuda_name=cuda_name).backend
+
+
+def _route(device: torch.device, cuda_name: str, misfit: Callable[[], str | None]) -> backend.Choice:
+    """The backend for one call of an op with a CUDA kernel: that kernel when it exists and ``misfit()`` (why this
+    call breaks the kernel's contract, or None) finds nothing, else what the op would use without it."""
+    choice = backend.choose(device, cuda_name=cuda_name)
+    if choice.backend != "cuda":
+        return choice
+    why = misfit()
+    if why is None:
+        return choice
+    other = backend.choose(device)
+    return backend.Choice(other.backend, f"{other.reason}; not {cuda_name}: {why}")
+
+
+def _bf16_misfit(name: str, dtype: torch.dtype) -> str | None:
+    return None if dtype == torch.bfloat16 else f"{name} is {dtype}, the kernel handles bfloat16 only"
+
+
+def _rows_misfit(m: int, limit: int) -> str | None:
+    return None if m <= limit else f"M={m} is above the kernel's {limit} rows"
+
+
+def _per_row_misfit(scales: torch.Tensor) -> str | None:
+    return None if scales.shape[1] == 1 else f"{scales.shape[1]} scale groups per row, the kernel takes one"
+
+
+def _packed_misfit(x: torch.Tensor, group_size: int) -> str | None:
+    if group_size % _CUDA_PACKED_GROUP:
+        return f"group_size={group_size} is not a multiple of {_CUDA_PACKED_GROUP}"
+    return _bf16_misfit("x", x.dtype) or _rows_misfit(x.shape[0], _CUDA_PACKED_MAX_M)
+
+
+def _int8_mm_misfit(xq: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype) -> str | None:
+    return (_per_row_misfit(scales) or _bf16_misfit("the output", out_dtype)
+            or _rows_misfit(xq.shape[0], _CUDA_INT8_MAX_M))
+
+
+def _int8_linear_misfit(x: torch.Tensor, scales: torch.Tensor) -> str | None:
+    return _per_row_misfit(scales) or _bf16_misfit("x", x.dtype) or _rows_misfit(x.shape[0], _CUDA_INT8_MAX_M)
+
+
+def _plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 def _gs(group_size: int, in_features: int) -> int | None:
@@ -137,7 +199,10 @@ def _int8_mm_reference(xq, xs, codes, scales, bias, group_size: int, out_dtype: 
 
 def _int8_mm_any(xq, xs, codes, scales, bias, group_size: int, out_dtype: torch.dtype) -> torch.Tensor:
     k = codes.shape[1]
-    kn = _kernels() if _choice(xq.device) == "triton" else None
+    choice = _route(xq.device, _CUDA_INT8_MM, lambda: _int8_mm_misfit(xq, scales, out_dtype)).backend
+    if choice == "cuda":
+        return _plus_bias(backend.cuda_op(_CUDA_INT8_MM)(xq, xs, codes, scales.reshape(-1)), bias)
+    kn = _kernels() if choice == "triton" else None
     if kn is not None and kn.int8_block_k(_kernel_gs(group_size, k), k) is not None:
         return kn.int8_mm(xq, xs, codes, scales, _kernel_gs(group_size, k), out_dtype, bias=bias,
                           interpret=backend.triton_interpret())
@@ -158,9 +223,8 @@ def _(xq, xs, codes, scales, bias, group_size, out_dtype):
 @torch.library.custom_op("tgolf::ternary_int8_linear", mutates_args=())
 def _int8_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                     group_size: int) -> torch.Tensor:
-    if scales.shape[1] == 1 and x.dtype == torch.bfloat16 and _choice(x.device, _CUDA_INT8) == "cuda":
-        y = backend.cuda_op(_CUDA_INT8)(x, codes, scales[:, 0].contiguous())
-        return y if bias is None else y + bias.to(y.dtype)
+    if _route(x.device, _CUDA_INT8, lambda: _int8_linear_misfit(x, scales)).backend == "cuda":
+        return _plus_bias(backend.cuda_op(_CUDA_INT8)(x, codes, scales.reshape(-1)), bias)
     xq, xs = _act_quant_op(x)
     return _int8_mm_any(xq, xs, codes, scales, bias, group_size, x.dtype)
 
@@ -173,10 +237,10 @@ def _(x, codes, scales, bias, group_size):
 @torch.library.custom_op("tgolf::ternary_packed_mm", mutates_args=())
 def _packed_mm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
                   group_size: int) -> torch.Tensor:
-    choice = _choice(x.device, _CUDA_PACKED)
-    if choice == "cuda" and x.dtype == torch.bfloat16:
-        return backend.cuda_op(_CUDA_PACKED)(x, packed, scales, 0 if scales.shape[1] == 1 else group_size)
-    if choice in ("cuda", "triton"):
+    choice = _route(x.device, _CUDA_PACKED, lambda: _packed_misfit(x, group_size)).backend
+    if choice == "cuda":  # group_size is 0 exactly when scales has one column (see _inference_args)
+        return backend.cuda_op(_CUDA_PACKED)(x, packed, scales, group_size)
+    if choice == "triton":
         kn = _kernels()
         return kn.ternary_mm(x, packed, scales, _kernel_gs(group_size, in_features), kn.MODE_PACKED, in_features,
                              interpret=backend.triton_interpret())
@@ -189,9 +253,25 @@ def _(x, packed, scales, in_features, group_size):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
-for _name, _cuda in (("quantize", None), ("linear", None), ("act_quant", None), ("int8_mm", None),
-                     ("int8_linear", _CUDA_INT8), ("packed_mm", _CUDA_PACKED)):
-    backend.register_op(f"ternary.{_name}", lambda device, _cuda=_cuda: backend.choose(device, cuda_name=_cuda))
+def _chooser(cuda_name: str | None = None, condition: str = "") -> Callable[[torch.device], backend.Choice]:
+    """What ``python -m tgolf.info`` reports for an op: its CUDA kernel names the calls it takes and the fallback."""
+    def choose(device: torch.device) -> backend.Choice:
+        choice = backend.choose(device, cuda_name=cuda_name)
+        if choice.backend != "cuda":
+            return choice
+        other = backend.choose(device)
+        return backend.Choice("cuda", f"{choice.reason} for {condition}; other calls: {other.backend} "
+                                      f"({other.reason})")
+    return choose
+
+
+for _name, _chooser_fn in (
+        ("quantize", _chooser()), ("linear", _chooser()), ("act_quant", _chooser()),
+        ("int8_mm", _chooser(_CUDA_INT8_MM, "one scale per row and a bf16 output (act_bits=8 training forward)")),
+        ("int8_linear", _chooser(_CUDA_INT8, "one scale per row and bf16 x")),
+        ("packed_mm", _chooser(_CUDA_PACKED, f"bf16 x with one scale per row or group_size a multiple of "
+                                             f"{_CUDA_PACKED_GROUP}"))):
+    backend.register_op(f"ternary.{_name}", _chooser_fn)
 
 
 # -------------------------------------------------------------------------------------------------------- autograd

@@ -1,0 +1,65 @@
+"""The whole run: training → export → roundtrip score → summary → submission, in one process and under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tgolf.train.__main__ import main
+
+TINY_FLAGS = ["--preset", "smoke", "--num-layers", "2", "--model-dim", "32", "--num-heads", "2", "--num-kv-heads", "1",
+              "--train-seq-len", "32", "--train-batch-tokens", "512", "--val-batch-size", "1024",
+              "--val-tokens-limit", "2048", "--iterations", "6", "--warmdown-iters", "2", "--compressor", "zlib",
+              "--train-log-every", "2", "--device", "cpu"]
+
+
+def _flags(data: Path, out: Path, *extra: str) -> list[str]:
+    return [*TINY_FLAGS, "--data-path", str(data), "--out-dir", str(out), *extra]
+
+
+def test_one_command_trains_exports_scores_and_packages(tmp_path, tiny_shards, capsys):
+    sub = tmp_path / "submission"
+    assert main(_flags(tiny_shards, tmp_path, "--run-id", "r1", "--submission-dir", str(sub),
+                       "--val-loss-every", "3")) == 0
+    summary = json.loads((tmp_path / "r1" / "summary.json").read_text())
+    for key in ("val_bpb", "val_loss", "val_tokens", "val_bytes", "roundtrip_val_bpb", "artifact_bytes",
+                "code_bytes", "model_bytes", "params", "steps", "train_seconds", "tokens_per_second", "config"):
+        assert key in summary, key
+    assert summary["steps"] == 6 and summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
+    assert summary["model_bytes"] == (tmp_path / "r1" / "model.tgolf").stat().st_size
+    assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05  # int8 roundtrip barely moves the score
+    assert [h["step"] for h in summary["val_history"]] == [3, 6]
+    record = json.loads((sub / "submission.json").read_text())
+    assert record["val_bpb"] == summary["roundtrip_val_bpb"] and record["bytes_total"] == summary["artifact_bytes"]
+    assert (sub / "train.log").read_text().count("train_loss:") == 6  # the first 10 steps are always logged
+    out = capsys.readouterr().out
+    assert "step:2/6 train_loss:" in out and "roundtrip val_loss:" in out
+
+
+def test_over_budget_artifact_fails_before_any_submission(tmp_path, tiny_shards, capsys):
+    sub = tmp_path / "submission"
+    code = main(_flags(tiny_shards, tmp_path, "--run-id", "big", "--submission-dir", str(sub),
+                       "--max-artifact-bytes", "1000"))
+    assert code == 4 and not sub.exists()
+    assert "over the 1,000-byte limit" in capsys.readouterr().err
+
+
+def test_bad_flag_value_is_a_clear_error(tmp_path, capsys):
+    assert main(["--linear", "int3", "--out-dir", str(tmp_path)]) == 2
+    assert "linear" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tgolf.train",
+           *_flags(tiny_shards, tmp_path, "--run-id", "ddp", "--grad-accum-steps", "1")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all 2 ranks agree on the trained parameters" in proc.stdout
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6

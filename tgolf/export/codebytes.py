@@ -1,0 +1,71 @@
+"""Code bytes, counted the contest's way for a package instead of a single script.
+
+The contest counts the bytes of the training script (train_gpt.py) toward the 16,000,000-byte artifact. A tgolf
+run is the tgolf source files it actually imported, so code bytes are the UTF-8 bytes on disk of:
+
+* every module in ``sys.modules`` named ``tgolf`` or ``tgolf.*`` with a ``__file__``, plus any module whose file
+  lies inside the tgolf package (``python -m tgolf.train`` runs as ``__main__``);
+* the Triton kernels (``kernels/``, reached through the ``tgolf/kernels`` symlink), counted once by real path;
+* when the compiled extension ``tgolf._C`` is loaded: the C++/CUDA sources under ``csrc/`` beside the package
+  (the sources are the code; the shared library is a build product), or the binary itself where they are absent;
+
+excluding the instruments a scored run does not need: ``tgolf.bench`` and ``tgolf.profile`` (benchmarks and
+profilers), and tests (never under the ``tgolf`` package). Call it in the process that trained, after training,
+so the modules the run used are imported; the report lists every file so the count can be checked.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import tgolf
+
+EXCLUDED_PACKAGES = ("tgolf.bench", "tgolf.profile")
+_CSRC_SUFFIXES = (".cu", ".cuh", ".cpp", ".cc", ".h", ".hpp")
+
+
+@dataclass(frozen=True)
+class CodeBytes:
+    total: int
+    files: tuple[tuple[str, int], ...]  # (path relative to the repository root where possible, bytes)
+
+
+def _excluded(module_name: str, path: Path, package_dir: Path, exclude: tuple[str, ...]) -> bool:
+    for prefix in exclude:
+        if module_name == prefix or module_name.startswith(prefix + "."):
+            return True
+        parts = prefix.split(".")
+        if parts[0] == "tgolf" and path.is_relative_to(package_dir.joinpath(*parts[1:])):
+            return True
+    return False
+
+
+def _source_files(exclude: tuple[str, ...]) -> set[Path]:
+    package_dir = Path(tgolf.__file__).resolve().parent
+    roots = (package_dir, (package_dir / "kernels").resolve())
+    found: set[Path] = set()
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        path = Path(file).resolve()
+        ours = name == "tgolf" or name.startswith("tgolf.") or any(path.is_relative_to(r) for r in roots)
+        if not ours or _excluded(name, path, package_dir, exclude):
+            continue
+        if path.suffix == ".py":
+            found.add(path)
+        else:  # a compiled extension: count its sources when the checkout has them
+            sources = [p.resolve() for p in (package_dir.parent / "csrc").rglob("*") if p.suffix in _CSRC_SUFFIXES]
+            found.update(sources or [path])
+    return found
+
+
+def count_code_bytes(exclude: tuple[str, ...] = EXCLUDED_PACKAGES) -> CodeBytes:
+    """Bytes of the tgolf code this process imported (see the module docstring), with the list of files."""
+    repo_root = Path(tgolf.__file__).resolve().parent.parent
+    files = []
+    for path in sorted(_source_files(exclude)):
+        shown = path.relative_to(repo_root) if path.is_relative_to(repo_root) else path
+        files.append((str(shown), path.stat().st_size))
+    return CodeBytes(total=sum(size for _, size in files), files=tuple(files))

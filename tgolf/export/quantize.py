@@ -1,0 +1,201 @@
+"""Quantize a model's state for export, and undo it for the reload.
+
+What each state entry becomes (``quantize_model``):
+
+* the ``weight`` of a module exposing ``ternary_weight()`` (TernaryLinear) or ``quantized_weight()``
+  (QATLinear): exactly the module's own codes and scales, scheme ``"ternary"`` or ``"qat<bits>"``, with the
+  module's ``group_size`` attribute (None = one scale per row). Its ``bias`` is kept as a float; any other state of
+  such a module (latent caches, counters) is training state and is dropped: the reload is the dense
+  ``nn.Linear`` the module stands for, so it computes the same quantized forward the module trained with;
+* non-float tensors: kept bit for bit (scheme ``"raw"``);
+* float tensors that are not 2-D or have at most ``small_numel`` elements (65,536, as in the baseline): kept as
+  fp16 (scheme ``"fp16"``), or fp32 (``"fp32"``) when ``small_dtype="fp32"`` or when a value exceeds the fp16
+  range (|x| > 65504) and fp16 would overflow to inf. fp16 halves their bytes; they are ~0.1% of the baseline's
+  parameters, and the fp16 rounding is part of the quantized model that the roundtrip is compared with;
+* every other float matrix (attention and MLP matrices of a dense model, the tied embedding): per-row symmetric
+  int<bits> with the shared quantizer ``tgolf.ops.quant.reference.quantize_weight`` and the baseline's clip at the
+  99.99984th percentile of |w| in each row (scheme ``"int<bits>"``).
+
+Scales are float32 values exactly representable in fp16 (the quantizer rounds them through fp16; codes and scales
+taken from modules are checked), so the file stores them as fp16 without changing a single output.
+Non-finite values anywhere raise a ValueError naming the tensor: a NaN would otherwise poison a whole row.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+
+from tgolf.ops.quant.reference import dequantize_weight, qmax_for_bits, quantize_weight
+
+BASELINE_CLIP_QUANTILE = 0.9999984  # the baseline's 99.99984th percentile of |w| per row
+SMALL_NUMEL = 65_536
+FP16_MAX = 65504.0
+_QUANTILE_MAX_NUMEL = 1 << 24  # torch.quantile refuses larger inputs: quantize big matrices in row chunks
+_INT_SCHEME = re.compile(r"(int|qat)([4-8])")
+
+
+@dataclass
+class QuantTensor:
+    """One exported tensor. Float and raw schemes use ``data``; quantized schemes use ``codes`` and ``scales``.
+
+    scheme: "fp16" | "fp32" | "raw" | "int4".."int8" | "qat4".."qat8" | "ternary"
+    codes:  int8 [N, K]; scales: float32 [N, G] with G = ceil(K / group_size) (G = 1 when group_size is None).
+    """
+
+    scheme: str
+    shape: tuple[int, ...]
+    data: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    group_size: int | None = None
+
+    @property
+    def bits(self) -> int | None:
+        """Bits of the integer codes (2 for ternary), None for float and raw schemes."""
+        return scheme_bits(self.scheme)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 tensor (raw tensors keep their dtype)."""
+        if self.codes is None:
+            return self.data.clone() if self.scheme == "raw" else self.data.float()
+        return dequantize_weight(self.codes, self.scales, self.group_size).reshape(self.shape)
+
+
+def scheme_bits(scheme: str) -> int | None:
+    """Code bits of a scheme; None for fp16/fp32/raw. Unknown schemes raise ValueError."""
+    if scheme in ("fp16", "fp32", "raw"):
+        return None
+    if scheme == "ternary":
+        return 2
+    match = _INT_SCHEME.fullmatch(scheme)
+    if match is None:
+        raise ValueError(f"scheme {scheme!r}: expected fp16, fp32, raw, int4..int8, qat4..qat8 or ternary")
+    return int(match.group(2))
+
+
+def code_range(scheme: str) -> tuple[int, int]:
+    """The inclusive range codes of a quantized scheme may take."""
+    bits = scheme_bits(scheme)
+    if bits is None:
+        raise ValueError(f"scheme {scheme!r} has no integer codes")
+    qmax = 1 if scheme == "ternary" else qmax_for_bits(bits)
+    return -qmax, qmax
+
+
+def num_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else math.ceil(in_features / group_size)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel and torch.compile wrappers (their state names differ)."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"tensor {name!r} contains NaN or inf values; refusing to export it")
+
+
+def _keep_float(name: str, tensor: torch.Tensor, small_dtype: str) -> QuantTensor:
+    _check_finite(name, tensor)
+    overflow = tensor.numel() > 0 and float(tensor.abs().max()) > FP16_MAX
+    dtype, scheme = (torch.float32, "fp32") if small_dtype == "fp32" or overflow else (torch.float16, "fp16")
+    return QuantTensor(scheme, tuple(tensor.shape), data=tensor.detach().to("cpu", dtype).contiguous())
+
+
+def quantize_rows(weight: torch.Tensor, bits: int, clip_quantile: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``quantize_weight`` of a 2-D matrix of any size (row chunks stay under torch.quantile's limit)."""
+    rows_per_chunk = max(1, _QUANTILE_MAX_NUMEL // max(1, weight.shape[1]))
+    parts = [quantize_weight(chunk, bits, clip_quantile=clip_quantile) for chunk in weight.split(rows_per_chunk)]
+    return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+
+def _module_weight(name: str, module: nn.Module) -> QuantTensor:
+    """The exact codes and scales a ternary or QAT module trains with, checked for what the format relies on."""
+    if hasattr(module, "ternary_weight"):
+        codes, scales = module.ternary_weight()
+        scheme = "ternary"
+    else:
+        codes, scales = module.quantized_weight()
+        scheme = f"qat{int(module.bits)}"
+        scheme_bits(scheme)  # bits outside 4..8 raise here, naming the scheme
+    if getattr(module, "act_bits", None):
+        warnings.warn(f"{name}: the module quantizes its activations (act_bits={module.act_bits}); the dense reload "
+                      f"keeps activations in full precision, so its outputs will differ from the trained forward")
+    group_size = getattr(module, "group_size", None)
+    group_size = None if group_size is None else int(group_size)
+    if codes.dtype != torch.int8 or codes.dim() != 2:
+        raise ValueError(f"{name}: module codes must be int8 [N, K], got {codes.dtype} {tuple(codes.shape)}")
+    n, k = codes.shape
+    if tuple(scales.shape) != (n, num_groups(k, group_size)):
+        raise ValueError(f"{name}: scales shape {tuple(scales.shape)} does not match codes {(n, k)} with "
+                         f"group_size={group_size}")
+    low, high = code_range(scheme)
+    if codes.numel() and (int(codes.min()) < low or int(codes.max()) > high):
+        raise ValueError(f"{name}: {scheme} codes outside [{low}, {high}]")
+    scales = scales.detach().float()
+    _check_finite(name + " (scales)", scales)
+    if not torch.equal(scales.half().float(), scales):
+        raise ValueError(f"{name}: module scales are not exactly representable in fp16 (round them through fp16 in "
+                         f"the quantizer so that the artifact reproduces the trained forward)")
+    return QuantTensor(scheme, (n, k), codes=codes.detach().cpu().contiguous(), scales=scales.cpu().contiguous(),
+                       group_size=group_size)
+
+
+def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SMALL_NUMEL,
+                   small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE
+                   ) -> dict[str, QuantTensor]:
+    """Every state entry of ``model`` as a QuantTensor, in state_dict order (see the module docstring)."""
+    match = re.fullmatch(r"int([4-8])", scheme)
+    if match is None:
+        raise ValueError(f"scheme={scheme!r}: expected int4..int8")
+    if small_dtype not in ("fp16", "fp32"):
+        raise ValueError(f"small_dtype={small_dtype!r}: expected 'fp16' or 'fp32'")
+    bits = int(match.group(1))
+    model = unwrap_model(model)
+    quantized = {prefix: m for prefix, m in model.named_modules()
+                 if hasattr(m, "ternary_weight") or hasattr(m, "quantized_weight")}
+    out: dict[str, QuantTensor] = {}
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            prefix, _, _ = name.rpartition(".")
+            if prefix in quantized:
+                module = quantized[prefix]
+                key = f"{prefix}.weight" if prefix else "weight"
+                if key not in out:  # a quantized linear is exported as the nn.Linear it stands for
+                    out[key] = _module_weight(key, module)
+                    bias = getattr(module, "bias", None)
+                    if bias is not None:
+                        bias_key = f"{prefix}.bias" if prefix else "bias"
+                        out[bias_key] = _keep_float(bias_key, bias, small_dtype)
+                continue
+            if not tensor.is_floating_point():
+                out[name] = QuantTensor("raw", tuple(tensor.shape), data=tensor.detach().cpu().clone())
+            elif tensor.dim() != 2 or tensor.numel() <= small_numel:
+                out[name] = _keep_float(name, tensor, small_dtype)
+            else:
+                _check_finite(name, tensor)
+                codes, scales = quantize_rows(tensor.detach().float(), bits, clip_quantile)
+                out[name] = QuantTensor(scheme, tuple(tensor.shape), codes=codes, scales=scales)
+    return out
+
+
+def dequantize_model(qtensors: Mapping[str, QuantTensor]) -> dict[str, torch.Tensor]:
+    """A state dict of float32 tensors (raw tensors keep their dtype) for a dense model's load_state_dict."""
+    return {name: qt.dequantize() for name, qt in qtensors.items()}
