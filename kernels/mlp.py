@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from tgolf.backend import triton_interpret
+from tgolf.kernels.common import swizzled_tile
 
 # Hopper-friendly tiles from the Triton matmul tutorial; the choice is made once per (M, N, K) by the autotuner on
 # the first call (a training run's compile warm-up), never in timed steps. Needs measuring on a GPU.
@@ -38,15 +39,7 @@ def _gemm_sq_act_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K,
                         slope,
                         BACKWARD: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M rows of tiles share B columns while they are hot in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_rows
-    pid_n = (pid % group) // group_rows
+    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

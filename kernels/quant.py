@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from tgolf.backend import triton_interpret
+from tgolf.kernels.common import swizzled_tile
 
 _FP16_TINY = tl.constexpr(2.0 ** -24)  # reference.FP16_TINY
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to nearest-even
@@ -39,20 +40,6 @@ def _round_to_bf16(v):
     bits = v.to(tl.int32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & (-65536)
     return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _swizzled_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id → (row tile, column tile), in groups of GROUP_M row tiles so neighbours share L2 data."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-    return pid_m, pid_n
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -130,7 +117,7 @@ def _qat_matmul_kernel(a_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K,
     WEIGHT_ROWS_ARE_N: B = Wq.T (the forward, weight [N, K]); else B = Wq (the input gradient, weight [K, N]).
     Codes are contiguous; scales [weight rows, G] with GROUP weight columns per scale.
     """
-    pid_m, pid_n = _swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
@@ -287,7 +274,7 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                        A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out[M, N] = (a[M, K] @ b[K, N]) * sa * sb + bias with fp8 a and b, fp32 accumulation."""
-    pid_m, pid_n = _swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tgolf.kernels.common import swizzled_tile
+
 # ------------------------------------------------------------------------------------------------ weight quantization
 
 @triton.jit
@@ -92,14 +94,7 @@ def _ternary_mm_kernel(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, R, C, G, 
     back; with one scale per row and B = Wᵀ the scale multiplies the fp32 accumulator after the loop, otherwise
     codes × scales are formed in fp32 (the reference's dequantized weight) before the cast.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_c = tl.cdiv(C, BLOCK_C)
-    width = GROUP_M * num_c  # programs sharing GROUP_M row blocks walk the columns together (L2 reuse)
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_c = (pid % width) // rows
+    pid_m, pid_c = swizzled_tile(M, C, BLOCK_M, BLOCK_C, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -227,14 +222,7 @@ def _int8_mm_kernel(xq_ptr, xs_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M,
     One scale per row: a single int32 accumulator, exact. Groups: BLOCK_K divides the group size, so each block's
     int32 partial product belongs to one group and is scaled before it joins the fp32 accumulator.
     """
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_n = (pid % width) // rows
+    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

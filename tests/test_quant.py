@@ -251,11 +251,12 @@ def test_torch_compile_fullgraph(backend, which):
 
 @pytest.mark.parametrize("kind", ["qat6", "fp8"])
 def test_inside_gpt(kind):
-    from tgolf.model import GPT, ModelConfig
+    from tgolf.config import Config
+    from tgolf.model import GPT
     from tgolf.nn import make_linear
 
     assert type(make_linear(kind, 8, 4)).__name__ == ("QATLinear" if kind == "qat6" else "FP8Linear")
-    model = GPT(ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, linear=kind))
+    model = GPT(Config(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, linear=kind))
     ids = torch.randint(0, 64, (2, 16))
     loss = model(ids, ids.roll(-1, 1))
     loss.backward()
@@ -348,9 +349,10 @@ def test_gpu_fp8_linear(scaling, fp8_backward, k, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["qat6", "fp8"])
 def test_gpu_gpt_under_autocast(kind):
-    from tgolf.model import GPT, ModelConfig
+    from tgolf.config import Config
+    from tgolf.model import GPT
 
-    model = GPT(ModelConfig(vocab_size=256, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1,
+    model = GPT(Config(vocab_size=256, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1,
                             linear=kind)).cuda()
     ids = torch.randint(0, 256, (2, 64), device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):

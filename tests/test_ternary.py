@@ -400,9 +400,10 @@ def test_training_step_reduces_loss():
 
 @needs_triton
 def test_gpt_with_ternary_linears():
-    from tgolf.model import GPT, ModelConfig
+    from tgolf.config import Config
+    from tgolf.model import GPT
 
-    model = GPT(ModelConfig(vocab_size=64, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1,
+    model = GPT(Config(vocab_size=64, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1,
                             linear="ternary"))
     assert sum(isinstance(m, TernaryLinear) for m in model.modules()) == 6
     ids = torch.randint(0, 64, (2, 8))

@@ -1,13 +1,15 @@
 """The GPT and how to build it from a Config."""
 from __future__ import annotations
 
-from tgolf.model.gpt import GPT, Block, ModelConfig, count_parameters
+import dataclasses
+
+from tgolf.config import Config
+from tgolf.model.gpt import GPT, Block, count_parameters
 
 
-def build_model(cfg, **overrides) -> GPT:
-    """A GPT from a tgolf Config; ``overrides`` replace model fields (e.g. ``linear="bf16"`` for a dense reload)."""
-    fields = {**ModelConfig.from_config(cfg).__dict__, **overrides}
-    return GPT(ModelConfig(**fields))
+def build_model(cfg: Config, **overrides) -> GPT:
+    """A GPT from a tgolf Config; ``overrides`` replace fields (e.g. ``linear="bf16"`` for a dense reload)."""
+    return GPT(dataclasses.replace(cfg, **overrides).validate())
 
 
-__all__ = ["GPT", "Block", "ModelConfig", "build_model", "count_parameters"]
+__all__ = ["GPT", "Block", "build_model", "count_parameters"]

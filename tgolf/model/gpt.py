@@ -2,58 +2,29 @@
 
 9 × 512 at the baseline preset: GQA attention, relu² MLP, tied embeddings, U-Net skips from the first half
 of the blocks to the second, per-block mix with the embedding x0, tanh logit softcap (17,059,912 parameters).
+The model reads only the model fields of the run's Config (num_layers ... loss), so one dataclass describes both.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tgolf.config import Config
 from tgolf.nn import get_loss, make_attention, make_mlp
 from tgolf.nvtx import nvtx_range
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int = 1024
-    num_layers: int = 9
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 2
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    linear: str = "bf16"
-    mlp: str = "reference"
-    mlp_activation: str = "relu2"
-    negative_slope: float = 0.5
-    attention: str = "softmax"
-    attention_window: int = 256
-    linear_feature_map: str = "identity"
-    linear_decay: str = "head"
-    loss: str = "reference"
-
-    @classmethod
-    def from_config(cls, cfg) -> "ModelConfig":
-        """Take the model fields of a tgolf.config.Config (or any object with those attributes)."""
-        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
-
-
 class Block(nn.Module):
-    def __init__(self, mc: ModelConfig):
+    def __init__(self, cfg: Config):
         super().__init__()
-        dim = mc.model_dim
-        self.attn = make_attention(mc.attention, dim, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
-                                   rope_base=mc.rope_base, qk_gain_init=mc.qk_gain_init, linear=mc.linear,
-                                   window=mc.attention_window, feature_map=mc.linear_feature_map,
-                                   decay=mc.linear_decay)
-        self.mlp = make_mlp(mc.mlp, dim, mc.mlp_mult * dim, activation=mc.mlp_activation,
-                            negative_slope=mc.negative_slope, linear=mc.linear)
+        dim = cfg.model_dim
+        self.attn = make_attention(cfg.attention, dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                                   rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init, linear=cfg.linear,
+                                   window=cfg.attention_window, feature_map=cfg.linear_feature_map,
+                                   decay=cfg.linear_decay)
+        self.mlp = make_mlp(cfg.mlp, dim, cfg.mlp_mult * dim, activation=cfg.mlp_activation,
+                            negative_slope=cfg.negative_slope, linear=cfg.linear)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
@@ -69,17 +40,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, mc: ModelConfig):
+    def __init__(self, cfg: Config):
         super().__init__()
-        self.config = mc
-        self.tok_emb = nn.Embedding(mc.vocab_size, mc.model_dim)
-        self.num_encoder_layers = mc.num_layers // 2
-        self.num_decoder_layers = mc.num_layers - self.num_encoder_layers
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, mc.model_dim))
-        self.blocks = nn.ModuleList(Block(mc) for _ in range(mc.num_layers))
-        self.lm_head = None if mc.tie_embeddings else nn.Linear(mc.model_dim, mc.vocab_size, bias=False)
-        self.loss_fn = get_loss(mc.loss)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.loss_fn = get_loss(cfg.loss)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
