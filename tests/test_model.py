@@ -68,3 +68,20 @@ def test_compiles_fullgraph():
     ids, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(ids, targets), model(ids, targets))
+
+
+def test_attention_kinds_per_layer():
+    from tgolf.nn.attention import CausalSelfAttention
+    from tgolf.nn.linear_attention import LinearAttention
+
+    model = build_model(Config(**{**TINY, "num_layers": 5}, attention_layers="softmax, linear"))
+    kinds = [type(block.attn) for block in model.blocks]
+    assert kinds == [CausalSelfAttention, LinearAttention, CausalSelfAttention, LinearAttention, CausalSelfAttention]
+    assert model(torch.randint(0, 97, (1, 8)), torch.randint(0, 97, (1, 8))).isfinite()
+
+
+def test_bad_per_layer_attention_kind_names_the_field():
+    import pytest
+
+    with pytest.raises(ValueError, match="attention_layers"):
+        Config(attention_layers="softmax,flash").validate()

@@ -67,6 +67,7 @@ class Config:
     mlp_activation: str = "relu2"  # relu2 | leaky_relu2
     negative_slope: float = 0.5  # for leaky_relu2
     attention: str = "softmax"  # softmax | linear | hybrid
+    attention_layers: str = ""  # per-layer kinds, cycled over the layers, e.g. "softmax,linear"; "" = `attention`
     attention_window: int = 256  # sliding-window width of the hybrid attention
     linear_feature_map: str = "identity"  # linear/hybrid attention: identity | elu1 | relu | taylor | hedgehog
     linear_decay: str = "head"  # linear/hybrid attention: none | head (per-head constant) | token (per-token gate)
@@ -103,6 +104,11 @@ class Config:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
+    def layer_attention_kinds(self) -> list[str]:
+        """The attention kind of each layer: ``attention_layers`` cycled over the layers, else ``attention``."""
+        pattern = [k.strip() for k in self.attention_layers.split(",") if k.strip()] or [self.attention]
+        return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+
     def validate(self) -> "Config":
         """Raise ValueError naming the field for any inconsistent value; return self."""
         choices = {
@@ -114,6 +120,10 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name}={getattr(self, name)!r}: expected one of {allowed}")
+        for kind in self.layer_attention_kinds():
+            if kind not in ATTENTION_KINDS:
+                raise ValueError(f"config field attention_layers={self.attention_layers!r}: {kind!r} is not one of "
+                                 f"{ATTENTION_KINDS}")
         positive = ("vocab_size", "iterations", "train_batch_tokens", "train_seq_len", "num_layers",
                     "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "val_batch_size")
         for name in positive:

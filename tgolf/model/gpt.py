@@ -16,10 +16,10 @@ from tgolf.nvtx import nvtx_range
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, attention: str):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = make_attention(cfg.attention, dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+        self.attn = make_attention(attention, dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                                    rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init, linear=cfg.linear,
                                    window=cfg.attention_window, feature_map=cfg.linear_feature_map,
                                    decay=cfg.linear_decay)
@@ -48,7 +48,7 @@ class GPT(nn.Module):
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_attention_kinds())
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         self.loss_fn = get_loss(cfg.loss)
         self.reset_parameters()
