@@ -17,13 +17,15 @@ from tgolf.export.artifact import (ArtifactInfo, BudgetExceeded, check_budget, l
                                    write_artifact)
 from tgolf.export.codebytes import count_code_bytes
 from tgolf.export.compress import NAMES, compress, compress_all, decompress
-from tgolf.export.format import MAGIC, FormatError, deserialize, serialize
-from tgolf.export.packing import pack_base3, pack_bits, unpack_base3, unpack_bits
+from tgolf.export.format import MAGIC, VERSION, FormatError, deserialize, serialize
+from tgolf.export.packing import (TRIT_BLOCK, TRIT_BLOCK_BYTES, pack_base3, pack_bits, pack_fp16_adaptive, pack_trits,
+                                  packed_trits_length, unpack_base3, unpack_bits, unpack_fp16_adaptive, unpack_trits)
 from tgolf.export.quantize import (BASELINE_CLIP_QUANTILE, QuantTensor, dequantize_model, quantize_model,
                                    quantize_rows)
 from tgolf.export.submission import write_submission
 from tgolf.model import build_model
 from tgolf.ops.quant.reference import dequantize_weight, quantize_weight
+from tgolf.ops.ternary.reference import quantize_ternary
 
 TINY = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, vocab_size=256)
 SMALL = 1024  # small_numel for the tiny model: its matrices (2048+ elements) are quantized, vectors kept
@@ -153,6 +155,105 @@ def test_packing_bad_data_raises():
         pack_base3(torch.tensor([2], dtype=torch.int8))
 
 
+def _trits_number(codes: torch.Tensor) -> int:
+    """The base-3 number of one block, digits c + 1 least significant first: the documented layout, by Python ints."""
+    return sum((int(c) + 1) * 3 ** i for i, c in enumerate(codes.tolist()))
+
+
+def test_pack_trits_every_length_and_layout():
+    gen = torch.Generator().manual_seed(3)
+    lengths = [*range(301), 957, 958, 959, 960, 1917, 1918, 1919, 5 * TRIT_BLOCK + 17, 100_003]
+    for n in lengths:
+        codes = torch.randint(-1, 2, (n,), dtype=torch.int8, generator=gen)
+        packed = pack_trits(codes)
+        assert packed.dtype == torch.uint8 and packed.numel() == packed_trits_length(n)
+        blocks = [codes[i: i + TRIT_BLOCK] for i in range(0, n, TRIT_BLOCK)]
+        expected = b"".join(_trits_number(b).to_bytes(((3 ** b.numel() - 1).bit_length() + 7) // 8, "little")
+                            for b in blocks[-2:])  # the last two blocks: a full one and a partial one
+        assert packed.numpy().tobytes()[-len(expected):] == expected
+        assert torch.equal(unpack_trits(packed, n), codes)
+    assert (TRIT_BLOCK, TRIT_BLOCK_BYTES) == (959, 190) and packed_trits_length(TRIT_BLOCK) == 190
+    assert 3 ** TRIT_BLOCK < 2 ** (8 * TRIT_BLOCK_BYTES) < 3 ** (TRIT_BLOCK + 1)
+    assert pack_trits(torch.ones(959, dtype=torch.int8)).numpy().tobytes() == (3 ** 959 - 1).to_bytes(190, "little")
+    assert pack_trits(torch.tensor([-1, 0, 1, 1, 0], dtype=torch.int8)).tolist() == [156]
+
+
+def test_pack_trits_bad_data_raises():
+    packed = pack_trits(torch.zeros(TRIT_BLOCK + 7, dtype=torch.int8))  # 190 + 2 bytes
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_trits(packed[:-1], TRIT_BLOCK + 7)
+    with pytest.raises(ValueError, match="over-long"):
+        unpack_trits(torch.cat([packed, packed[:1]]), TRIT_BLOCK + 7)
+    full = packed.clone()
+    full[:190] = 255  # 2^1520 - 1 ≥ 3^959
+    with pytest.raises(ValueError, match="block 0 .*3\\^959"):
+        unpack_trits(full, TRIT_BLOCK + 7)
+    tail = packed.clone()
+    tail[-2:] = torch.tensor([0x6B, 0x08], dtype=torch.uint8)  # 0x086B = 2155 < 3^7 = 2187: valid, decodes to digits
+    assert torch.equal(unpack_trits(tail, TRIT_BLOCK + 7)[-7:] + 1,
+                       torch.tensor([(2155 // 3 ** i) % 3 for i in range(7)], dtype=torch.int8))
+    tail[-2:] = torch.tensor([0x8B, 0x08], dtype=torch.uint8)  # 2187 = 3^7
+    with pytest.raises(ValueError, match="block 1 .*3\\^7"):
+        unpack_trits(tail, TRIT_BLOCK + 7)
+    with pytest.raises(ValueError, match="ternary"):
+        pack_trits(torch.tensor([0, -2], dtype=torch.int8))
+    with pytest.raises(ValueError, match="integer"):
+        pack_trits(torch.zeros(3))
+
+
+def _fp16_bits(values: torch.Tensor) -> torch.Tensor:
+    return values.view(torch.int16)
+
+
+def test_adaptive_fp16_round_trip_any_values():
+    gen = torch.Generator().manual_seed(4)
+    for n in (0, 1, 2, 7, 300, 2047, 2048, 2049, 4100):
+        cases = [(0.02 + 0.0005 * torch.randn(n, generator=gen)).half(),  # clustered: the scales' case
+                 torch.randint(-32768, 32768, (n,), dtype=torch.int16, generator=gen).view(torch.float16),
+                 torch.full((n,), 0.25, dtype=torch.float16),
+                 (torch.randn(n, generator=gen) * 100).half()]
+        for values in cases:
+            data = pack_fp16_adaptive(values)
+            assert torch.equal(_fp16_bits(unpack_fp16_adaptive(data, n)), _fp16_bits(values))
+    clustered = (0.02 + 0.0005 * torch.randn(4096, generator=gen)).half()
+    assert len(pack_fp16_adaptive(clustered)) * 8 / 4096 < 7.5  # σ ≈ 33 ulps: entropy ≈ 7.1 bits
+    assert len(pack_fp16_adaptive(torch.full((4096,), 0.25, dtype=torch.float16))) < 20
+
+
+def test_adaptive_fp16_bad_data_raises():
+    values = (0.02 + 0.0005 * torch.randn(2100, generator=torch.Generator().manual_seed(5))).half()
+    data = pack_fp16_adaptive(values)
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_fp16_adaptive(data[:-1], 2100)
+    with pytest.raises(ValueError, match="truncated"):
+        unpack_fp16_adaptive(data[:3], 2100)
+    with pytest.raises(ValueError, match="over-long"):
+        unpack_fp16_adaptive(data + b"\0", 2100)
+    with pytest.raises(ValueError, match="header"):
+        unpack_fp16_adaptive(data[:2] + bytes([17]) + data[3:], 2100)
+    first = int.from_bytes(data[5:7], "little")  # first segment: u16 length, then its state
+    bigger = data[:5] + (first + 40).to_bytes(2, "little") + data[7: 7 + first] + b"\xff" * 40 + data[7 + first:]
+    with pytest.raises(ValueError, match="state 0"):
+        unpack_fp16_adaptive(bigger, 2100)
+    with pytest.raises(ValueError, match="float16"):
+        pack_fp16_adaptive(torch.zeros(3))
+
+
+def test_ternary_bits_per_weight_with_scales():
+    """Codes + scales of absmean-quantized N(0, 0.02) rows of 768: under 1.60 bits a weight (1.5943 measured).
+
+    At 512 per row such scales cost ~7.5 bits each, 1.5997-1.6001 in all (their entropy floor), so no test there."""
+    w = torch.randn(512, 768, generator=torch.Generator().manual_seed(6)) * 0.02
+    codes, scales = quantize_ternary(w)
+    blob = serialize({"w": QuantTensor("ternary", (512, 768), codes=codes, scales=scales)}, {})
+    header, payload = _split(blob)
+    (entry,) = header["tensors"]
+    assert entry["packing"] == "trits" and entry["scales_coding"] == "adaptive"
+    assert len(payload) * 8 / w.numel() < 1.60
+    back = deserialize(blob)[0]["w"]
+    assert torch.equal(back.codes, codes) and torch.equal(back.scales, scales)
+
+
 # --- the model file format -----------------------------------------------------------------------------------
 
 
@@ -172,6 +273,9 @@ def every_scheme() -> dict[str, QuantTensor]:
     out["qat6g4"] = QuantTensor("qat6", (6, 11), codes=codes, scales=scales, group_size=4)
     tern = torch.randint(-1, 2, (9, 17), dtype=torch.int8)
     out["tern"] = QuantTensor("ternary", (9, 17), codes=tern, scales=torch.rand(9, 3).half().float(), group_size=8)
+    codes, scales = quantize_ternary(torch.randn(40, 700) * 0.02)  # clustered scales: coded "adaptive"
+    out["tern2"] = QuantTensor("ternary", (40, 700), codes=codes, scales=scales)
+    out["tern1"] = QuantTensor("ternary", (1, 5), codes=tern[:1, :5], scales=torch.ones(1, 1))  # fp16 is shorter
     return out
 
 
@@ -192,6 +296,9 @@ def test_format_round_trip_every_scheme():
     assert list(back) == list(tensors) and config == {"a": 1, "b": [1.5, "x"]} and meta == {"note": "hi"}
     for name in tensors:
         assert_same(tensors[name], back[name])
+    codings = {e["name"]: (e["packing"], e.get("scales_coding")) for e in _split(blob)[0]["tensors"]}
+    assert codings["tern2"] == ("trits", "adaptive") and codings["tern1"] == ("trits", "fp16")
+    assert codings["int6"] == ("int8", "fp16")
 
 
 def _split(blob: bytes) -> tuple[dict, bytes]:
@@ -199,9 +306,9 @@ def _split(blob: bytes) -> tuple[dict, bytes]:
     return json.loads(blob[20:20 + header_len]), blob[20 + header_len:]
 
 
-def _join(header: dict, payload: bytes) -> bytes:
+def _join(header: dict, payload: bytes, version: int = VERSION) -> bytes:
     text = json.dumps(header).encode()
-    return MAGIC + struct.pack("<IQ", 1, len(text)) + text + payload
+    return MAGIC + struct.pack("<IQ", version, len(text)) + text + payload
 
 
 def _with_entry(blob: bytes, name: str, **changes) -> bytes:
@@ -219,7 +326,7 @@ def test_format_corruption_gives_clear_errors():
     off, length = entries["int6"]["codes"]
     cases = [
         (b"XXXXXXXX" + blob[8:], "magic"),
-        (blob[:8] + struct.pack("<I", 2) + blob[12:], "version 2"),
+        (blob[:8] + struct.pack("<I", 3) + blob[12:], "version 3"),
         (blob[:12] + struct.pack("<Q", len(blob)) + blob[20:], "truncated header"),
         (blob[:10], "too short"),
         (_join(header, payload)[:-1], "payload_bytes"),
@@ -235,12 +342,29 @@ def test_format_corruption_gives_clear_errors():
         (_with_entry(blob, "int6", packing="bits6"), "'int6'.*packing"),
         (_with_entry(blob, "bf", dtype="complex64"), "'bf'.*dtype"),
         (_with_entry(blob, "tern", group_size=0), "'tern'.*group_size"),
+        (_with_entry(blob, "tern", packing="base5"), "'tern'.*packing"),
+        (_with_entry(blob, "tern2", scales_coding="zstd"), "'tern2'.*scales_coding"),
+        (_with_entry(blob, "tern2", scales=[entries["tern2"]["scales"][0], entries["tern2"]["scales"][1] - 1]),
+         "'tern2'.*'scales'.*truncated"),
+        (_join(header, payload, version=1), "'tern'.*packing"),  # "trits" did not exist in version 1
     ]
     del entries["f32"]["data"]
     cases.append((_join(header, payload), "'f32'.*missing field 'data'"))
     for index, (bad, pattern) in enumerate(cases):
         with pytest.raises(FormatError, match=pattern):  # on failure, `index` names the case
             deserialize(bad)
+
+
+def test_format_version_1_files_still_load():
+    """Version 1: no scales_coding field, fp16 scales, ternary codes five per byte."""
+    codes = torch.randint(-1, 2, (3, 11), dtype=torch.int8, generator=torch.Generator().manual_seed(7))
+    scales = torch.rand(3, 1).half()
+    packed = pack_base3(codes).numpy().tobytes()
+    entry = {"name": "t", "scheme": "ternary", "shape": [3, 11], "group_size": None, "packing": "base3",
+             "codes": [0, len(packed)], "scales": [len(packed), 6]}
+    header = {"format": "tgolf-model", "config": {}, "meta": {}, "payload_bytes": len(packed) + 6, "tensors": [entry]}
+    back = deserialize(_join(header, packed + scales.numpy().tobytes(), version=1))[0]["t"]
+    assert torch.equal(back.codes, codes) and torch.equal(back.scales, scales.float())
 
 
 def test_format_rejects_codes_out_of_range():

@@ -23,7 +23,8 @@ _EXPORTS = {
     "tgolf.export.codebytes": ("CodeBytes", "count_code_bytes"),
     "tgolf.export.compress": ("compress", "decompress"),
     "tgolf.export.format": ("FormatError", "deserialize", "serialize"),
-    "tgolf.export.packing": ("pack_base3", "pack_bits", "unpack_base3", "unpack_bits"),
+    "tgolf.export.packing": ("pack_base3", "pack_bits", "pack_fp16_adaptive", "pack_trits", "unpack_base3",
+                             "unpack_bits", "unpack_fp16_adaptive", "unpack_trits"),
     "tgolf.export.quantize": ("QuantTensor", "dequantize_model", "quantize_model"),
     "tgolf.export.submission": ("record_folder_name", "write_submission"),
 }

@@ -3,7 +3,7 @@
 Layout (all integers little-endian):
 
     offset 0    8 bytes   magic b"TGOLFMDL"
-    offset 8    u32       format version (1)
+    offset 8    u32       format version (2; version 1 files still load, see below)
     offset 12   u64       H = header length in bytes
     offset 20   H bytes   header: UTF-8 JSON object
     offset 20+H           payload: raw buffers, back to back, exactly ``payload_bytes`` long, to the end of the file
@@ -12,30 +12,43 @@ Header keys: ``format`` ("tgolf-model"), ``config`` (the tgolf Config as a dict)
 ``payload_bytes`` and ``tensors``, a list of entries in state order:
 
     {"name": str, "scheme": str, "shape": [int, ...], "group_size": int | null, "packing": str,
-     "dtype": str (raw only), "codes": [offset, length], "scales": [offset, length]}   # quantized schemes
+     "dtype": str (raw only), "codes": [offset, length], "scales": [offset, length],
+     "scales_coding": str}                                                            # quantized schemes
      or "data": [offset, length]                                                      # fp16, fp32, raw
 
 Offsets are relative to the payload start. Buffers:
   * ``data``: fp16 / fp32 / the raw dtype's bytes, C order.
-  * ``scales``: fp16 [N, G], C order.
+  * ``scales`` [N, G] in C order, by ``scales_coding``:
+      - "fp16": fp16 values, 2 bytes each;
+      - "adaptive": ``pack_fp16_adaptive`` of the fp16 values (tgolf.export.packing: buckets of bit patterns,
+        adaptively arithmetic-coded), a variable length checked by decoding it exactly. The writer uses it for
+        ternary tensors when it is shorter than fp16 (whenever a tensor's scales cluster; measured 7.2-7.7 bits a
+        scale for absmean scales of N(0, 0.02) rows, 9.4-10.1 after 400 AdamW steps of a tiny model) and fp16
+        otherwise; integer schemes keep fp16 scales.
   * ``codes`` [N, K] flattened in C order, by ``packing`` (see tgolf.export.packing):
       - "int8":  one two's-complement byte per code,
       - "bits4": ``pack_bits(codes, 4)``, two codes per byte,
-      - "base3": ``pack_base3(codes)``, five ternary codes per byte.
+      - "trits": ``pack_trits(codes)``, 959 ternary codes per 190 bytes (1.58498 bits a code), written for ternary,
+      - "base3": ``pack_base3(codes)``, five ternary codes per byte (1.6 bits), read for ternary (version 1).
     Measured choice (2.1M weights: four 1024×512 matrices of N(0, 1) times a per-row factor U(0.5, 1.5),
     per-row quantize_weight with the baseline clip; ternary by round(w / mean|w|) per row; the smallest output
     of zlib-9 / lzma-9e / brotli-11 / zstd-22, in bits per weight): int6 5.348 as int8 bytes vs 5.693
     bit-packed; int5 4.306 vs 4.819; int7 6.366 vs 7.000; int8 equal (7.376); int4 3.221 vs 3.194 bit-packed;
     ternary (31% zeros) 1.654 as int8 bytes, 1.595 2-bit, 1.587 base-3. Byte-aligned codes let the entropy
     coders see whole symbols; 6- and 5-bit packing splits them across bytes and costs more than it saves.
-    So: int5..int8 → "int8", int4 → "bits4", ternary → "base3".
+    So: int5..int8 → "int8", int4 → "bits4", ternary → base 3, now in 959-code blocks ("trits"): 1.58498 bits a
+    code before any compressor, which none of the four shrinks further (python -m tgolf.export.measure_ternary).
     The payload holds all codes, then all scales, then all float data, compressed as one stream: compressing
     those three sections separately measured no smaller (brotli-11 on a baseline-shaped int6 model with
     N(0, 0.02) matrices: 11,417,970 bytes split vs 11,413,293 whole).
 
+Version 1 (before "trits" and "adaptive") had no ``scales_coding`` field: its scales are fp16 and its ternary codes
+"base3"; such files load unchanged. A version-1 reader refuses version-2 files by their version number.
+
 Loading checks the magic, version, header JSON, every field of every entry, each buffer's exact length for its
-shape and packing, that buffers lie inside the payload without overlapping, and that the file ends where the
-payload ends; any failure raises FormatError naming the field or tensor.
+shape and packing (an adaptive scales buffer: that it decodes to exactly N×G values and ends where its span
+ends), that buffers lie inside the payload without overlapping, and that the file ends where the payload ends;
+any failure raises FormatError naming the field or tensor.
 """
 from __future__ import annotations
 
@@ -48,12 +61,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tgolf.export.packing import (pack_base3, pack_bits, packed_base3_length, packed_bits_length, unpack_base3,
-                                  unpack_bits)
+from tgolf.export.packing import (pack_bits, pack_fp16_adaptive, pack_trits, packed_base3_length, packed_bits_length,
+                                  packed_trits_length, unpack_base3, unpack_bits, unpack_fp16_adaptive, unpack_trits)
 from tgolf.export.quantize import QuantTensor, code_range, num_groups, scheme_bits
 
 MAGIC = b"TGOLFMDL"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 FORMAT_NAME = "tgolf-model"
 _PREFIX = struct.Struct("<8sIQ")
 _RAW_DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -72,13 +86,21 @@ def _require_little_endian() -> None:
 
 
 def code_packing(scheme: str) -> str:
-    """How the codes of a quantized scheme are stored (the measured choice in the module docstring)."""
+    """How the writer stores the codes of a quantized scheme (the measured choice in the module docstring)."""
     if scheme == "ternary":
-        return "base3"
+        return "trits"
     return "bits4" if scheme_bits(scheme) == 4 else "int8"
 
 
+def _readable_packings(scheme: str, version: int) -> tuple[str, ...]:
+    if scheme == "ternary":
+        return ("base3",) if version == 1 else ("trits", "base3")
+    return (code_packing(scheme),)
+
+
 def _codes_length(packing: str, n: int) -> int:
+    if packing == "trits":
+        return packed_trits_length(n)
     if packing == "base3":
         return packed_base3_length(n)
     if packing == "bits4":
@@ -87,19 +109,31 @@ def _codes_length(packing: str, n: int) -> int:
 
 
 def _pack_codes(codes: torch.Tensor, packing: str) -> bytes:
-    if packing == "base3":
-        return pack_base3(codes).numpy().tobytes()
+    if packing == "trits":
+        return pack_trits(codes).numpy().tobytes()
     if packing == "bits4":
         return pack_bits(codes, 4).numpy().tobytes()
     return codes.contiguous().numpy().tobytes()
 
 
 def _unpack_codes(buf: bytes, packing: str, n: int) -> torch.Tensor:
+    if packing == "trits":
+        return unpack_trits(buf, n)
     if packing == "base3":
         return unpack_base3(buf, n)
     if packing == "bits4":
         return unpack_bits(buf, 4, n)
     return torch.from_numpy(np.frombuffer(buf, dtype=np.int8).copy())
+
+
+def _pack_scales(scheme: str, scales: torch.Tensor) -> tuple[str, bytes]:
+    """(scales_coding, bytes): the adaptive code for ternary scales when it is shorter, else fp16."""
+    plain = _tensor_bytes(scales.to(torch.float16))
+    if scheme == "ternary":
+        coded = pack_fp16_adaptive(scales.to(torch.float16))
+        if len(coded) < len(plain):
+            return "adaptive", coded
+    return "fp16", plain
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -123,8 +157,9 @@ def serialize(tensors: Mapping[str, QuantTensor], config: Mapping[str, Any],
                                  "group_size": qt.group_size}
         if qt.codes is not None:
             entry["packing"] = code_packing(qt.scheme)
+            entry["scales_coding"], scale_bytes = _pack_scales(qt.scheme, qt.scales)
             sections["codes"].append((entry, "codes", _pack_codes(qt.codes, entry["packing"])))
-            sections["scales"].append((entry, "scales", _tensor_bytes(qt.scales.to(torch.float16))))
+            sections["scales"].append((entry, "scales", scale_bytes))
         else:
             entry["packing"] = "none"
             if qt.scheme == "raw":
@@ -155,12 +190,14 @@ def _get(entry: Mapping[str, Any], key: str, kinds: type, where: str) -> Any:
     return value
 
 
-def _span(entry: Mapping[str, Any], key: str, expected: int, payload_bytes: int, where: str) -> tuple[int, int]:
+def _span(entry: Mapping[str, Any], key: str, expected: int | None, payload_bytes: int,
+          where: str) -> tuple[int, int]:
+    """[offset, length] of a buffer, checked against the payload and (unless None) the expected length."""
     span = _get(entry, key, list, where)
     if len(span) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in span):
         raise FormatError(f"{where}: field {key!r} must be [offset, length] with non-negative integers, got {span}")
     start, length = span
-    if length != expected:
+    if expected is not None and length != expected:
         raise FormatError(f"{where}: field {key!r} length {length} bytes, expected {expected} for its shape")
     if start + length > payload_bytes:
         raise FormatError(f"{where}: field {key!r} [{start}, {start + length}) runs past the payload "
@@ -168,14 +205,15 @@ def _span(entry: Mapping[str, Any], key: str, expected: int, payload_bytes: int,
     return start, length
 
 
-def _parse_header(blob: bytes) -> tuple[dict[str, Any], int]:
+def _parse_header(blob: bytes) -> tuple[dict[str, Any], int, int]:
     if len(blob) < _PREFIX.size:
         raise FormatError(f"model file: {len(blob)} bytes is too short for the {_PREFIX.size}-byte prefix")
     magic, version, header_len = _PREFIX.unpack_from(blob)
     if magic != MAGIC:
         raise FormatError(f"model file: bad magic {magic!r}, expected {MAGIC!r}")
-    if version != VERSION:
-        raise FormatError(f"model file: unsupported version {version}; this tgolf reads version {VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"model file: unsupported version {version}; this tgolf reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     header_end = _PREFIX.size + header_len
     if header_end > len(blob):
         raise FormatError(f"model file: header length {header_len} runs past the end of the file "
@@ -195,11 +233,11 @@ def _parse_header(blob: bytes) -> tuple[dict[str, Any], int]:
     if header_end + payload_bytes != len(blob):
         raise FormatError(f"model file: header field 'payload_bytes' = {payload_bytes} but the file holds "
                           f"{len(blob) - header_end} bytes after the header")
-    return header, header_end
+    return header, header_end, version
 
 
 def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int,
-                 spans: list[tuple[int, int, str]]) -> tuple[str, QuantTensor]:
+                 spans: list[tuple[int, int, str]], version: int) -> tuple[str, QuantTensor]:
     if not isinstance(entry, dict):
         raise FormatError(f"tensor #{index}: entry must be a JSON object")
     name = _get(entry, "name", str, f"tensor #{index}")
@@ -218,7 +256,7 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
         raise FormatError(f"{where}: field 'group_size' must be null or a positive integer, got {group_size!r}")
     packing = _get(entry, "packing", str, where)
 
-    def take(key: str, expected: int) -> bytes:
+    def take(key: str, expected: int | None) -> bytes:
         start, length = _span(entry, key, expected, payload_bytes, where)
         spans.append((start, length, f"{where} {key}"))
         return bytes(payload[start: start + length])
@@ -239,9 +277,13 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
 
     if len(shape) != 2:
         raise FormatError(f"{where}: field 'shape' must be 2-D [N, K] for scheme {scheme!r}, got {list(shape)}")
-    if packing != code_packing(scheme):
-        raise FormatError(f"{where}: field 'packing' is {packing!r}, expected {code_packing(scheme)!r} "
-                          f"for scheme {scheme!r}")
+    packings = _readable_packings(scheme, version)
+    if packing not in packings:
+        raise FormatError(f"{where}: field 'packing' is {packing!r}, expected {' or '.join(map(repr, packings))} "
+                          f"for scheme {scheme!r} in a version {version} file")
+    scales_coding = "fp16" if version == 1 else _get(entry, "scales_coding", str, where)
+    if scales_coding not in ("fp16", "adaptive"):
+        raise FormatError(f"{where}: field 'scales_coding' is {scales_coding!r}, expected 'fp16' or 'adaptive'")
     n, k = shape
     try:
         codes = _unpack_codes(take("codes", _codes_length(packing, numel)), packing, numel)
@@ -251,7 +293,13 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
     if numel and (int(codes.min()) < low or int(codes.max()) > high):
         raise FormatError(f"{where}: field 'codes' holds values outside [{low}, {high}] for scheme {scheme!r}")
     groups = num_groups(k, group_size)
-    scales = _tensor_from_bytes(take("scales", n * groups * 2), torch.float16, (n, groups)).float()
+    if scales_coding == "fp16":
+        scales = _tensor_from_bytes(take("scales", n * groups * 2), torch.float16, (n, groups)).float()
+    else:
+        try:
+            scales = unpack_fp16_adaptive(take("scales", None), n * groups).reshape(n, groups).float()
+        except ValueError as exc:
+            raise FormatError(f"{where}: field 'scales': {exc}") from None
     if not bool(torch.isfinite(scales).all()):
         raise FormatError(f"{where}: field 'scales' holds NaN or inf")
     return name, QuantTensor(scheme, shape, codes=codes.reshape(n, k), scales=scales, group_size=group_size)
@@ -261,13 +309,13 @@ def deserialize(blob: bytes | bytearray | memoryview) -> tuple[dict[str, QuantTe
                                                                 dict[str, Any]]:
     """(tensors by name in file order, config dict, meta dict) from a model file's bytes; FormatError if invalid."""
     _require_little_endian()
-    header, header_end = _parse_header(blob)
+    header, header_end, version = _parse_header(blob)
     payload = memoryview(blob)[header_end:]
     payload_bytes = header["payload_bytes"]
     tensors: dict[str, QuantTensor] = {}
     spans: list[tuple[int, int, str]] = []
     for index, entry in enumerate(header["tensors"]):
-        name, qt = _parse_entry(entry, index, payload, payload_bytes, spans)
+        name, qt = _parse_entry(entry, index, payload, payload_bytes, spans, version)
         if name in tensors:
             raise FormatError(f"tensor {name!r}: the name appears twice")
         tensors[name] = qt

@@ -1,4 +1,4 @@
-"""The 2-bit kernel format of ternary weights (the artifact's base-3 format is tgolf.export.packing.pack_base3).
+"""The 2-bit kernel format of ternary weights (artifacts use the denser base-3 blocks of tgolf.export.packing.pack_trits).
 
 Layout, shared with the CUDA kernels: code ``c`` in {-1, 0, 1} is stored as ``c + 1`` in {0, 1, 2}, four codes per
 byte along K; code ``j`` of a row sits at bits ``2·(j % 4)`` of byte ``j // 4`` (least significant first). Each row
