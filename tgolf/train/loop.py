@@ -119,7 +119,9 @@ class Trainer:
                              f"not a positive multiple of train_seq_len={cfg.train_seq_len}")
         net = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(cfg, env.device) else model
         if env.enabled:
-            net = DistributedDataParallel(net, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+            # no buffer broadcast per forward: the only buffers (RoPE tables) are identical on every rank
+            net = DistributedDataParallel(net, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+                                          broadcast_buffers=False)
         self.model = net
         self.train_step = make_train_step(cfg, net, env, self.accum)
         self.step = 0
