@@ -252,10 +252,10 @@ class Trainer:
                 val_now = cfg.val_loss_every > 0 and self.step % cfg.val_loss_every == 0
                 ckpt_now = cfg.checkpoint_every > 0 and now - last_ckpt >= 60 * cfg.checkpoint_every
                 if log_now or val_now or ckpt_now:
-                    value = pending[1].item()
+                    value = pending[1].item()  # waits for the GPU: the queued work is training time too
                     self._check_finite(pending[0], value)
                     pending = None
-                    self.train_seconds += now - segment_start
+                    self.train_seconds += time.perf_counter() - segment_start
                     ms = 1000 * self.train_seconds
                     avg = (self.train_seconds - start_seconds) / (self.step - start_step)
                     progress.set_postfix(loss=f"{value:.4f}")
