@@ -19,7 +19,8 @@ from tgolf.data.prepare import prepare
 from tgolf.data.shards import HEADER_BYTES, MAGIC, ShardError, list_shards, read_shard, write_shard
 from tgolf.data.tokenizer import BOS_ID, load_tokenizer
 
-WEB = Path("/work/shared/data/web/c4_en_train_first1000docs.jsonl")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+WEB = SHARED / "web" / "c4_en_train_first1000docs.jsonl"
 needs_web = pytest.mark.skipif(not WEB.is_file(), reason="shared C4 sample not present")
 
 

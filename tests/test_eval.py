@@ -13,10 +13,11 @@ import torch.distributed as dist
 from tgolf.data.tokenizer import ByteTables, build_byte_tables, load_tokenizer
 from tgolf.eval.bpb import evaluate, plan_windows, token_bytes
 
-TOKENIZERS = Path("/work/shared/data/tokenizers")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data beside the checkout
+TOKENIZERS = SHARED / "tokenizers"
 SP8192 = TOKENIZERS / "fineweb_8192_bpe.model"  # has byte fallback
 SP1024 = TOKENIZERS / "fineweb_1024_bpe.model"  # has none: unseen characters become <unk>
-WEB = Path("/work/shared/data/web")
+WEB = SHARED / "web"
 needs_tok = pytest.mark.skipif(not SP8192.is_file(), reason="shared tokenizers not present")
 
 
