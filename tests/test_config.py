@@ -52,3 +52,10 @@ def test_dict_round_trip_and_unknown_fields():
     assert Config.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="bogus"):
         Config.from_dict({"bogus": 1})
+
+
+def test_help_reuses_the_field_comments():
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "tokens per optimizer step, over all ranks (default 524288; env TRAIN_BATCH_TOKENS)" in text

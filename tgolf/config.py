@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence, get_type_hints
 
@@ -205,15 +207,23 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _field_comments() -> dict[str, str]:
+    """The trailing ``# comment`` of each field in Config's source: the one description, reused as --help."""
+    source = inspect.getsource(Config)
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^=\n]+=[^#\n]*#(.*)$", source, re.M)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Add --preset and one --flag-name per Config field; unspecified flags stay None."""
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="starting values (default: smoke without DATA_PATH, else baseline)")
     group = parser.add_argument_group("config (also settable as upper-cased environment variables)")
     defaults = Config()
+    comments = _field_comments()
     for name, kind in _field_types().items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"default {getattr(defaults, name)!r}; env {name.upper()}"
+        help_text = f"{comments[name]} " if name in comments else ""
+        help_text = (help_text + f"(default {getattr(defaults, name)!r}; env {name.upper()})").replace("%", "%%")
         if kind is bool:
             group.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
         else:
