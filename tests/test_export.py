@@ -613,3 +613,24 @@ def test_code_bytes_counts_imported_tgolf_sources():
     assert "tgolf/export/artifact.py" in files and "tgolf/model/gpt.py" in files and "tgolf/nvtx.py" in files
     assert not any(f.startswith(("tgolf/profile", "tgolf/bench", "tests")) for f in files)
     assert code.total == sum(files.values()) > 0
+
+
+def test_missing_compression_library_is_skipped_by_best_and_named_when_asked(monkeypatch):
+    from tgolf.export import compress as comp
+
+    real_find_spec = comp.importlib.util.find_spec
+    real_import = comp.importlib.import_module
+    monkeypatch.setattr(comp.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "brotli" else real_find_spec(name, *a))
+
+    def fake_import(name, *a):
+        if name == "brotli":
+            raise ImportError(name)
+        return real_import(name, *a)
+
+    monkeypatch.setattr(comp.importlib, "import_module", fake_import)
+    assert "brotli" not in comp.available_compressors()
+    blob, chosen, sizes = comp.compress(b"tgolf " * 1000, "best")
+    assert chosen != "brotli" and "brotli" not in sizes
+    with pytest.raises(ValueError, match="pip install brotli"):
+        comp.check_available("brotli")

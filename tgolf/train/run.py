@@ -50,6 +50,9 @@ def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.bpb import evaluate
     from tgolf.export import check_budget, load_artifact, write_artifact, write_submission
+    from tgolf.export.compress import check_available
+
+    check_available(cfg.compressor)  # fail now, not after training
 
     wall_start = time.perf_counter()
     env = distributed.setup(cfg.device)
