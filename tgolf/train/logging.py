@@ -21,10 +21,11 @@ class RunLogger:
             self._file.write(line + "\n")
             self._file.flush()
 
-    def progress(self, total: int, initial: int = 0) -> tqdm:
+    def progress(self, total: float, initial: float = 0, unit: str = "step") -> tqdm:
         """A progress bar on stderr when it is a terminal; a disabled (no-op) bar otherwise."""
-        return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, leave=False,
-                    disable=not (self.enabled and sys.stderr.isatty()))
+        fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f}{unit} [{elapsed}<{remaining}{postfix}]"
+        return tqdm(total=total, initial=initial, desc="train", unit=unit, dynamic_ncols=True, leave=False,
+                    bar_format=fmt if unit == "s" else None, disable=not (self.enabled and sys.stderr.isatty()))
 
     def close(self) -> None:
         if self._file is not None:

@@ -212,7 +212,9 @@ class Trainer:
         last_ckpt = time.perf_counter()
         stopped_by = "iterations"
         start_step, start_seconds = self.step, self.train_seconds
-        progress = self.logger.progress(total=cfg.iterations, initial=self.step)
+        # with a wall-clock budget the bar counts training seconds, which is what ends the run
+        progress = (self.logger.progress(total=budget, initial=self.train_seconds, unit="s") if budget > 0
+                    else self.logger.progress(total=cfg.iterations, initial=self.step))
         with _SigtermFlag() as sigterm:
             segment_start = time.perf_counter()
             previous_elapsed = self.train_seconds
@@ -246,8 +248,8 @@ class Trainer:
                     self._check_finite(pending[0], pending[1].item())
                 pending = (self.step + 1, loss)
                 self.step += 1
-                progress.update(1)
                 now = time.perf_counter()
+                progress.update(min(self.train_seconds + now - segment_start, budget) - progress.n if budget > 0 else 1)
                 log_now = cfg.train_log_every > 0 and (self.step % cfg.train_log_every == 0 or self.step <= 10)
                 val_now = cfg.val_loss_every > 0 and self.step % cfg.val_loss_every == 0
                 ckpt_now = cfg.checkpoint_every > 0 and now - last_ckpt >= 60 * cfg.checkpoint_every
@@ -258,7 +260,7 @@ class Trainer:
                     self.train_seconds += time.perf_counter() - segment_start
                     ms = 1000 * self.train_seconds
                     avg = (self.train_seconds - start_seconds) / (self.step - start_step)
-                    progress.set_postfix(loss=f"{value:.4f}")
+                    progress.set_postfix(step=self.step, loss=f"{value:.4f}")
                     if log_now:
                         self.logger.log(f"step:{self.step}/{cfg.iterations} train_loss:{value:.4f} "
                                         f"train_time:{ms:.0f}ms step_avg:{1000 * avg:.2f}ms")
