@@ -72,6 +72,13 @@ def _check_count(n: int) -> int:
     return int(n)
 
 
+def _check_length(raw: np.ndarray, expected: int, what: str) -> None:
+    """Raise "truncated …" or "over-long …" when ``raw`` does not hold exactly ``expected`` bytes."""
+    if raw.size != expected:
+        kind = "truncated" if raw.size < expected else "over-long"
+        raise ValueError(f"{kind} {what}, expected {expected}")
+
+
 def _check_bits(bits: int) -> int:
     if not isinstance(bits, (int, np.integer)) or isinstance(bits, bool) or not 1 <= bits <= 8:
         raise ValueError(f"bits={bits!r}: expected an integer from 1 to 8")
@@ -105,10 +112,7 @@ def unpack_bits(data: torch.Tensor | np.ndarray | bytes, bits: int, n: int) -> t
     """uint8 data from ``pack_bits`` → int8 [n]; wrong length or non-zero padding raises ValueError."""
     bits, n = _check_bits(bits), _check_count(n)
     raw = _flat_bytes(data)
-    expected = packed_bits_length(n, bits)
-    if raw.size != expected:
-        kind = "truncated" if raw.size < expected else "over-long"
-        raise ValueError(f"{kind} packed data: {raw.size} bytes for {n} codes of {bits} bits, expected {expected}")
+    _check_length(raw, packed_bits_length(n, bits), f"packed data: {raw.size} bytes for {n} codes of {bits} bits")
     stream = np.unpackbits(raw, bitorder="little")
     if stream[n * bits:].any():
         raise ValueError(f"corrupt packed data: padding bits after the {n} codes of {bits} bits are not zero")
@@ -133,10 +137,7 @@ def unpack_base3(data: torch.Tensor | np.ndarray | bytes, n: int) -> torch.Tenso
     """uint8 data from ``pack_base3`` → int8 [n] in {-1, 0, 1}; bad length, bytes ≥ 243 or padding raise."""
     n = _check_count(n)
     raw = _flat_bytes(data)
-    expected = packed_base3_length(n)
-    if raw.size != expected:
-        kind = "truncated" if raw.size < expected else "over-long"
-        raise ValueError(f"{kind} base-3 data: {raw.size} bytes for {n} ternary codes, expected {expected}")
+    _check_length(raw, packed_base3_length(n), f"base-3 data: {raw.size} bytes for {n} ternary codes")
     if raw.size and raw.max() >= 243:
         raise ValueError(f"corrupt base-3 data: byte value {int(raw.max())} ≥ 243 = 3^5")
     digits = (raw[:, None] // _POW3) % 3
@@ -242,10 +243,7 @@ def unpack_trits(data: torch.Tensor | np.ndarray | bytes, n: int) -> torch.Tenso
     """uint8 data from ``pack_trits`` → int8 [n] in {-1, 0, 1}; a wrong length or a block ≥ 3^t raises."""
     n = _check_count(n)
     raw = _flat_bytes(data)
-    expected = packed_trits_length(n)
-    if raw.size != expected:
-        kind = "truncated" if raw.size < expected else "over-long"
-        raise ValueError(f"{kind} base-3 block data: {raw.size} bytes for {n} ternary codes, expected {expected}")
+    _check_length(raw, packed_trits_length(n), f"base-3 block data: {raw.size} bytes for {n} ternary codes")
     full, rest = divmod(n, TRIT_BLOCK)
     out = np.empty(n, dtype=np.int8)
     spans = [(i, min(full, i + _BATCH_BLOCKS), TRIT_BLOCK) for i in range(0, full, _BATCH_BLOCKS)]

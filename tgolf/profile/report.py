@@ -91,6 +91,13 @@ def markdown(summary: dict, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_charts(summary: dict, telemetry: list[dict], out_dir: Path) -> list[Path]:
     written = []
     if "steps" in summary:
@@ -109,11 +116,7 @@ def write_charts(summary: dict, telemetry: list[dict], out_dir: Path) -> list[Pa
         ax2.barh(list(ORDER), [shares[c] for c in ORDER])
         ax2.set_xlabel("ms per step (mean)")
         ax2.invert_yaxis()
-        fig.tight_layout()
-        path = out_dir / "profile_categories.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "profile_categories.png"))
     host = summary.get("step_ms_host")
     if host or "steps" in summary:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -126,11 +129,7 @@ def write_charts(summary: dict, telemetry: list[dict], out_dir: Path) -> list[Pa
         ax.set_title("step time")
         ax.grid(alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        path = out_dir / "profile_steps.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "profile_steps.png"))
     if telemetry:
         keys = ("sm_clock_mhz", "power_w", "temperature_c", "gpu_util_pct")
         fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5))
@@ -140,11 +139,7 @@ def write_charts(summary: dict, telemetry: list[dict], out_dir: Path) -> list[Pa
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("s")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = out_dir / "profile_telemetry.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / "profile_telemetry.png"))
     return written
 
 

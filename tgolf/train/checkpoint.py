@@ -54,9 +54,8 @@ def save(root: Path, *, rank: int, world_size: int, step: int, train_seconds: fl
         tmp = root / "latest.tmp"
         tmp.write_text(folder.name + "\n")
         os.replace(tmp, latest)
-        for old in root.glob("step_*"):  # keep the newest two
-            if old.name not in sorted(p.name for p in root.glob("step_*"))[-2:]:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in sorted(root.glob("step_*"))[:-2]:  # keep the newest two (zero-padded names sort by step)
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     return folder
 
