@@ -19,6 +19,11 @@
 # skipped and the profile runs on random tokens. On the lent GPU machines, copy the shards into a git-ignored
 # folder of the checkout (e.g. .data/) and carry it. Wheels in .whl/ (e.g. fla-core for the fla anchor) are installed
 # to a private folder first.
+#
+# GPU_CHECK_DEVICE=cpu rehearses the whole check on a machine without a GPU (quick benchmark shapes, the smoke
+# preset, no torch.compile), so the plumbing is proven before GPU time is spent; tests/test_gpu_check.py runs it.
+# GPU_CHECK_SKIP="install memcheck" leaves out the steps named (e.g. the install where tgolf is installed already).
+# Exit status 0 when every step that ran succeeded, 1 when one failed or timed out, 2 for a bad setting.
 set -u -o pipefail
 DATA=${1:-}
 [[ -n "$DATA" ]] && DATA=$(realpath -m "$DATA")
@@ -28,6 +33,14 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-470}
 TRAIN_SECONDS=${GPU_CHECK_TRAIN_SECONDS:-90}
 BENCH_BUDGET=${GPU_CHECK_BENCH_SECONDS:-130}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+SKIP=" ${GPU_CHECK_SKIP:-} "
+case $DEVICE in
+  cuda) BENCH_ARGS=(--shapes contest --device cuda); RUN_ARGS=(--preset baseline); PROFILE_STEPS=(--steps 5 --warmup 2) ;;
+  cpu) BENCH_ARGS=(--shapes quick --device cpu --no-compile); RUN_ARGS=(--preset smoke --device cpu --compile off)
+    PROFILE_STEPS=(--steps 2 --warmup 1) ;;
+  *) echo "GPU_CHECK_DEVICE=$DEVICE: expected cuda or cpu" >&2; exit 2 ;;
+esac
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 TGOLF_TEST_GPU=1 MAX_JOBS=${MAX_JOBS:-16}
 
@@ -39,14 +52,22 @@ rm -rf "$STAGE" && mkdir -p "$DIR" "$OUT_DIR" || exit 1
 
 log() { echo "$*" | tee -a "$DIR/check.log"; }
 
+# skipped NAME WHY LOGFILE : record a step that did not run, and why.
+skipped() {
+  printf '%s\tskipped (%s)\t0\t%s\n' "$1" "$2" "$3" >>"$DIR/steps.tsv"
+  log "== $1: skipped ($2)"
+}
+
 # step NAME LIMIT_S LOGFILE CMD... : run CMD under min(LIMIT_S, budget left), record status and seconds.
 step() {
   local name=$1 limit=$2 logfile=$3
   shift 3
   local left=$((BUDGET - ($(date +%s) - T0)))
-  if ((left < 15)); then
-    printf '%s\tskipped (budget)\t0\t%s\n' "$name" "$logfile" >>"$DIR/steps.tsv"
-    log "== $name: skipped, ${left}s of the budget left"
+  if [[ $SKIP == *" $name "* ]]; then
+    skipped "$name" GPU_CHECK_SKIP "$logfile"
+    return
+  elif ((left < 15)); then
+    skipped "$name" "budget: ${left}s left" "$logfile"
     return
   fi
   ((limit > left)) && limit=$left
@@ -66,36 +87,38 @@ git rev-parse HEAD >"$DIR/commit.txt" 2>/dev/null
 git status --short >>"$DIR/commit.txt" 2>/dev/null
 
 if compgen -G ".whl/*.whl" >/dev/null; then
-  step wheels 60 wheels.log $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/tgolf_site .whl/*.whl
-  export PYTHONPATH=/tmp/tgolf_site${PYTHONPATH:+:$PYTHONPATH}
+  step wheels 60 wheels.log $PY -m pip install -q --no-index --no-deps --no-compile --target "$STAGE/site" .whl/*.whl
+  export PYTHONPATH=$STAGE/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 step install 150 install.log $PY -m pip install --no-deps --no-build-isolation -e .
 step info 20 info.txt $PY -m tgolf.info
 step pytest-gpu 90 pytest.log $PY -m pytest -m gpu -q -p no:cacheprovider --durations=15
-step bench $((BENCH_BUDGET + 45)) bench.log $PY -m tgolf.bench --shapes contest --device cuda --out "$DIR/bench" \
+step bench $((BENCH_BUDGET + 45)) bench.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --out "$DIR/bench" \
   --time-budget "$BENCH_BUDGET"
 PROFILE_DATA=()
 [[ -n "$DATA" ]] && PROFILE_DATA=(--data-path "$DATA")
-step profile 120 profile.log $PY -m tgolf.profile --preset baseline --steps 5 --warmup 2 --out "$DIR/profile" \
+step profile 120 profile.log $PY -m tgolf.profile "${RUN_ARGS[@]}" "${PROFILE_STEPS[@]}" --out "$DIR/profile" \
   "${PROFILE_DATA[@]}"
-if command -v compute-sanitizer >/dev/null; then
+if [[ $DEVICE != cuda ]]; then
+  skipped memcheck "no GPU" memcheck.log
+elif command -v compute-sanitizer >/dev/null; then
   step memcheck 60 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 99 $PY -m tgolf._extension selftest
 else
-  printf 'memcheck\tskipped (no compute-sanitizer)\t0\tmemcheck.log\n' >>"$DIR/steps.tsv"
+  skipped memcheck "no compute-sanitizer" memcheck.log
 fi
 if [[ -n "$DATA" ]]; then
   # Startup, compilation and the final export/evaluation need about a minute beside the training seconds.
   left=$((BUDGET - ($(date +%s) - T0) - 75))
   ((left < TRAIN_SECONDS)) && TRAIN_SECONDS=$left
   if ((TRAIN_SECONDS >= 20)); then
-    step train $((TRAIN_SECONDS + 90)) train.log $PY -m tgolf.train --preset baseline --data-path "$DATA" \
+    step train $((TRAIN_SECONDS + 90)) train.log $PY -m tgolf.train "${RUN_ARGS[@]}" --data-path "$DATA" \
       --max-wallclock-seconds "$TRAIN_SECONDS" --warmup-steps 3 --val-loss-every 0 --val-tokens-limit 4194304 \
       --out-dir "$DIR/train" --run-id baseline
   else
-    printf 'train\tskipped (budget)\t0\ttrain.log\n' >>"$DIR/steps.tsv"
+    skipped train "budget: ${TRAIN_SECONDS}s of training left" train.log
   fi
 else
-  printf 'train\tskipped (no shards given)\t0\ttrain.log\n' >>"$DIR/steps.tsv"
+  skipped train "no shards given" train.log
 fi
 
 $PY scripts/gpu_check_summary.py "$DIR" "$(($(date +%s) - T0))" >"$DIR/summary.md" 2>>"$DIR/check.log"
@@ -107,3 +130,5 @@ for f in summary.md env.json check.log bench/bench.md profile/profile.md; do
   [[ -f "$DIR/$f" ]] && cp "$DIR/$f" "$OUT_DIR/"
 done
 cat "$DIR/summary.md"
+# The exit status says whether every step that ran succeeded (skipped steps do not count).
+awk -F'\t' '$2 ~ /^(failed|timeout)/ { bad = 1 } END { exit bad }' "$DIR/steps.tsv"

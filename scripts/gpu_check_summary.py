@@ -22,12 +22,14 @@ def _bench(folder: Path) -> tuple[str, list[str]]:
     path = folder / "bench" / "bench.json"
     if not path.exists():
         return "no bench.json", []
-    rows = json.loads(path.read_text())["rows"]
+    data = json.loads(path.read_text())
+    rows, meta = data["rows"], data.get("meta", {})
     counts: dict[str, int] = {}
     for r in rows:
         key = r["status"].split(":")[0]
         counts[key] = counts.get(key, 0) + 1
-    lines = ["| op | size | mode | status | ms | TFLOP/s | % peak | vs anchors (×, > 1 = tgolf faster) |",
+    lines = [f"## Benchmarks: {meta.get('shapes', '?')} shapes on {meta.get('device', '?')}", "",
+             "| op | size | mode | status | ms | TFLOP/s | % peak | vs anchors (×, > 1 = tgolf faster) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("time") or {}
@@ -71,12 +73,13 @@ def summary(folder: Path, total_s: str) -> str:
     lines = [f"# tgolf GPU check — {env.get('device_name', '?')}", "",
              f"{env.get('date_utc', '')} · driver {env.get('driver', '?')} · torch {env.get('torch')} · "
              f"triton {env.get('triton')} · commit {env.get('git_commit')} · total {total_s} s", ""]
-    lines += ["## Contest-shape benchmarks", "", *bench_lines, ""]
+    lines += [*bench_lines, ""]
     lines += ["## Steps", "", "| step | status | s | result |", "|---|---|---|---|"]
     steps = folder / "steps.tsv"
     for row in (steps.read_text().splitlines() if steps.exists() else []):
         name, status, secs, _log = (row.split("\t") + ["", "", "", ""])[:4]
-        lines.append(f"| {name} | {status} | {secs} | {results.get(name, '').replace('|', '/')} |")
+        result = "" if status.startswith("skipped") else results.get(name, "").replace("|", "/")
+        lines.append(f"| {name} | {status} | {secs} | {result} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,81 @@
+"""scripts/gpu_check.sh rehearsed on the CPU (GPU_CHECK_DEVICE=cpu): every step runs for real on small shapes, so
+the plumbing the scarce GPU session relies on (budget, step records, archive, summary, exit status) is proven here."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "gpu_check.sh"
+
+pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "timeout", "tar", "awk")),
+                                reason="needs bash, timeout, tar and awk")
+
+
+def _run(tmp_path: Path, data: Path | str, **env: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    out = tmp_path / "out"
+    full_env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", **env}
+    full_env.pop("TRITON_INTERPRET", None)  # the check must run as a user would start it
+    proc = subprocess.run(["bash", str(SCRIPT), str(data), str(out)], env=full_env, capture_output=True, text=True,
+                          timeout=600)
+    folders = list((tmp_path / "tgolf_gpu_check" / "profiles").iterdir())
+    assert len(folders) == 1, folders
+    return proc, folders[0], out
+
+
+def _steps(folder: Path) -> dict[str, str]:
+    with open(folder / "steps.tsv", newline="") as f:
+        return {row[0]: row[1] for row in csv.reader(f, delimiter="\t")}
+
+
+def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_shards):
+    proc, folder, out = _run(tmp_path, tiny_shards, GPU_CHECK_SKIP="install wheels", GPU_CHECK_TRAIN_SECONDS="20",
+                             GPU_CHECK_BENCH_SECONDS="60")
+    steps = _steps(folder)
+    assert proc.returncode == 0, (steps, proc.stdout[-3000:], proc.stderr[-3000:])
+    assert steps["install"] == "skipped (GPU_CHECK_SKIP)" and steps["memcheck"] == "skipped (no GPU)"
+    for name in ("info", "pytest-gpu", "bench", "profile", "train"):
+        assert steps[name] == "ok", (name, (folder / f"{name}.log").exists() and proc.stdout[-3000:])
+
+    summary = (out / "summary.md").read_text()
+    assert summary == (folder / "summary.md").read_text() and summary in proc.stdout
+    assert "## Benchmarks: quick shapes on cpu" in summary and "| train | ok |" in summary and "val_bpb" in summary
+    for name in ("bench.md", "profile.md", "env.json", "check.log"):
+        assert (out / name).stat().st_size > 0, name
+
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = set(tar.getnames())
+    prefix = f"profiles/{folder.name}/"
+    for name in ("env.json", "steps.tsv", "summary.md", "bench/bench.json", "profile/profile.json",
+                 "train/baseline/summary.json", "train.log"):
+        assert prefix + name in names, name
+
+
+def test_exhausted_budget_skips_steps_but_still_reports(tmp_path):
+    proc, folder, out = _run(tmp_path, "", GPU_CHECK_BUDGET="5")
+    steps = _steps(folder)
+    assert proc.returncode == 0, proc.stderr
+    assert all(status.startswith("skipped") for status in steps.values()), steps
+    assert steps["train"] == "skipped (no shards given)" and steps["bench"].startswith("skipped (budget")
+    assert (out / "gpu_check.tar.gz").exists() and "| bench | skipped" in (out / "summary.md").read_text()
+
+
+def test_failed_step_sets_the_exit_status(tmp_path):
+    # A shards folder that does not exist: training starts and fails, and the check says so.
+    proc, folder, _ = _run(tmp_path, tmp_path / "missing", GPU_CHECK_SKIP="install wheels info pytest-gpu bench profile",
+                           GPU_CHECK_TRAIN_SECONDS="20")
+    assert _steps(folder)["train"].startswith("failed (rc"), proc.stdout[-2000:]
+    assert proc.returncode == 1
+
+
+def test_unknown_device_is_refused(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "GPU_CHECK_DEVICE": "tpu", "TMPDIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "GPU_CHECK_DEVICE=tpu" in proc.stderr
