@@ -58,6 +58,16 @@ def _profile(folder: Path) -> str:
     return ", ".join(parts)
 
 
+def _train(folder: Path) -> str:
+    path = folder / "train" / "baseline" / "summary.json"
+    if not path.exists():
+        return _tail(folder / "train.log", r"Error|error")
+    t = json.loads(path.read_text())
+    return (f"val_bpb {t['val_bpb']:.4f} (roundtrip {t['roundtrip_val_bpb']:.4f}), {t['steps']} steps in "
+            f"{t['train_seconds']:.0f} s, {t['step_ms']:.0f} ms/step, {t['tokens_per_second']:,.0f} tokens/s, "
+            f"peak {t['peak_memory_bytes'] / 2**30:.1f} GiB, artifact {t['artifact_bytes']:,} B")
+
+
 def summary(folder: Path, total_s: str) -> str:
     env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").exists() else {}
     bench_counts, bench_lines = _bench(folder)
@@ -68,7 +78,7 @@ def summary(folder: Path, total_s: str) -> str:
         "bench": bench_counts,
         "profile": _profile(folder),
         "memcheck": _tail(folder / "memcheck.log", r"ERROR SUMMARY|Error|error"),
-        "train": _tail(folder / "train.log", r"val_bpb|step_avg|Error|error"),
+        "train": _train(folder),
     }
     lines = [f"# tgolf GPU check — {env.get('device_name', '?')}", "",
              f"{env.get('date_utc', '')} · driver {env.get('driver', '?')} · torch {env.get('torch')} · "

@@ -3,6 +3,7 @@ the plumbing the scarce GPU session relies on (budget, step records, archive, su
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,10 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
     assert "## Benchmarks: quick shapes on cpu" in summary and "| train | ok |" in summary and "val_bpb" in summary
     for name in ("bench.md", "profile.md", "env.json", "check.log"):
         assert (out / name).stat().st_size > 0, name
+
+    # The profile report is built from the window of the training run itself.
+    report = json.loads((folder / "profile" / "profile.json").read_text())
+    assert "train/baseline/profile/trace.json.gz" in report["meta"]["trace"] and len(report["steps"]) == 2
 
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = set(tar.getnames())

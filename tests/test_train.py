@@ -167,3 +167,40 @@ def test_warmup_restores_model_optimizer_and_data(tmp_path, tiny_shards):
     for a, b in zip(before, _params(trainer)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(len(opt.state) == 0 for opt in trainer.optimizers)  # fresh optimizers again
+
+
+# --- profiled window ----------------------------------------------------------------------------------------
+
+def test_profiled_window_records_those_steps_for_the_report(tmp_path, tiny_shards):
+    import json
+
+    from tgolf.profile.__main__ import main as profile_main
+
+    result = _trainer(tmp_path, tiny_shards, iterations=5, profile_steps="1:2").run()
+    assert result.steps == 5
+    recorded = json.loads((tmp_path / "profile" / "run.json").read_text())
+    assert recorded["meta"]["profiled_steps"] == [1, 2] and len(recorded["meta"]["step_ms_host"]) == 2
+    assert recorded["meta"]["flops_per_step"] > 0 and recorded["meta"]["tokens_per_step"] == 256
+    out = tmp_path / "report"
+    assert profile_main(["--from-trace", str(tmp_path / "profile" / "trace.json.gz"), "--out", str(out),
+                         "--no-charts"]) == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [1, 2]
+    for step in report["steps"]:
+        assert sum(step["categories"].values()) == pytest.approx(step["ms"], rel=1e-9)
+    assert report["totals_ms"]["optimizer"] > 0 and report["totals_ms"]["gemm"] > 0
+
+
+def test_profiled_window_past_the_end_records_nothing(tmp_path, tiny_shards):
+    from tgolf.nvtx import ranges_enabled
+
+    _trainer(tmp_path, tiny_shards, iterations=3, profile_steps="2:9").run()  # the run ends inside the window
+    assert (tmp_path / "profile" / "trace.json.gz").exists() and not ranges_enabled()
+    _trainer(tmp_path / "late", tiny_shards, iterations=3, profile_steps="5:6").run()
+    assert not (tmp_path / "late" / "profile").exists()
+
+
+@pytest.mark.parametrize("spec", ["3", "2:1", "a:b", "-1:2"])
+def test_bad_profile_window_is_refused(spec):
+    with pytest.raises(ValueError, match="profile_steps"):
+        Config(**TINY, profile_steps=spec).validate()

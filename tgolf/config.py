@@ -92,6 +92,7 @@ class Config:
 
     # --- checkpoints ------------------------------------------------------------------------
     checkpoint_every: float = 0.0  # minutes; 0 = only on SIGTERM
+    profile_steps: str = ""  # "A:B": record training steps A..B with torch.profiler into <run>/profile/
     resume: str = ""  # checkpoint file to continue from
 
     # --- export and evaluation --------------------------------------------------------------
@@ -142,6 +143,7 @@ class Config:
                              f"train_seq_len={self.train_seq_len}")
         if self.max_wallclock_seconds < 0 or self.checkpoint_every < 0:
             raise ValueError("config fields max_wallclock_seconds and checkpoint_every must be >= 0")
+        parse_step_range(self.profile_steps, "config field profile_steps")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,6 +179,19 @@ CONTEST_ENV_VARS = ("DATA_PATH", "TOKENIZER_PATH", "VOCAB_SIZE", "RUN_ID", "SEED
                     "LOGIT_SOFTCAP", "QK_GAIN_INIT", "EMBED_LR", "HEAD_LR", "TIED_EMBED_LR", "MATRIX_LR",
                     "SCALAR_LR", "MUON_MOMENTUM", "MUON_BACKEND_STEPS", "MUON_MOMENTUM_WARMUP_START",
                     "MUON_MOMENTUM_WARMUP_STEPS", "BETA1", "BETA2", "ADAM_EPS", "GRAD_CLIP_NORM")
+
+
+def parse_step_range(text: str, name: str) -> tuple[int, int] | None:
+    """``"A:B"`` → (A, B) with 0 <= A <= B (step numbers); ``""`` → None."""
+    if not text:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise ValueError(f"{name}={text!r}: expected A:B, two step numbers") from None
+    if not 0 <= first <= last:
+        raise ValueError(f"{name}={text!r}: must satisfy 0 <= A <= B")
+    return first, last
 
 
 def _parse_value(kind: type, text: str, source: str) -> Any:
@@ -253,4 +268,4 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 
 
 __all__ = ["Config", "PRESETS", "CONTEST_ENV_VARS", "LINEAR_KINDS", "add_config_arguments", "resolve_config",
-           "parse_config", "env_overrides"]
+           "parse_config", "env_overrides", "parse_step_range"]

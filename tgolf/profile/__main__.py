@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from tgolf.config import add_config_arguments, resolve_config
+from tgolf.config import add_config_arguments, parse_step_range, resolve_config
 from tgolf.profile.env import collect_env
 from tgolf.profile.report import summarize, write_report
 from tgolf.profile.trace import analyze, load_events
@@ -39,12 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _nsys_range(text: str | None, first: int, last: int) -> tuple[int, int] | None:
-    if text is None:
+    steps = parse_step_range(text or "", "--nsys-steps")
+    if steps is None:
         return None
-    try:
-        a, b = (int(p) for p in text.split(":"))
-    except ValueError:
-        raise ValueError(f"--nsys-steps {text!r}: expected A:B, two step numbers") from None
+    a, b = steps
     if not first <= a <= b <= last:
         raise ValueError(f"--nsys-steps {text}: must satisfy {first} <= A <= B <= {last} (profiled steps)")
     return a, b
@@ -59,10 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_trace:
         trace = Path(args.from_trace)
         meta_path = trace.parent / "run.json"
-        meta = json.loads(meta_path.read_text()).get("meta", {}) if meta_path.exists() else {}
+        recorded = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        meta = recorded.get("meta", {})
         analysis = analyze(load_events(trace))
         summary = summarize(analysis, {**meta, "trace": str(trace)}, meta.get("step_ms_host"))
-        print(write_report(summary, env, [], out, charts=not args.no_charts).read_text())
+        samples = recorded.get("telemetry_samples", [])
+        print(write_report(summary, env, samples, out, charts=not args.no_charts).read_text())
         return 0
 
     from tgolf.profile.run import profile_training

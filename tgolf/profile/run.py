@@ -66,7 +66,33 @@ def _batches(cfg: Config, device: torch.device, accum: int) -> Callable[[], tupl
     return random_batch
 
 
-def _peak_memory(device: torch.device) -> dict:
+def run_meta(cfg: Config, device: torch.device, params: int, accum: int, world_size: int) -> dict:
+    """What a report needs besides the trace: model size, tokens and FLOPs of one step on this GPU."""
+    tokens = cfg.train_batch_tokens // world_size
+    return {
+        "preset_config": {k: getattr(cfg, k) for k in ("num_layers", "model_dim", "num_heads", "num_kv_heads",
+                                                      "mlp_mult", "vocab_size", "train_seq_len",
+                                                      "train_batch_tokens", "linear", "mlp", "attention", "loss",
+                                                      "compile")},
+        "device": device.type, "params": params, "tokens_per_step": tokens, "grad_accum_steps": accum,
+        "world_size": world_size, "flops_per_step": train_flops_per_token(cfg, params) * tokens,
+        "data": cfg.data_path or "random tokens",
+    }
+
+
+def save_trace(prof: profile, out_dir: Path) -> Path:
+    """Export the chrome trace gzipped (traces compress ~10×, which keeps GPU runs under transfer limits)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / "trace.json"
+    prof.export_chrome_trace(str(raw))
+    trace_path = out_dir / "trace.json.gz"
+    with open(raw, "rb") as src, gzip.open(trace_path, "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    return trace_path
+
+
+def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
@@ -134,24 +160,11 @@ def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
             step_ms.append(one_step(i))
             if nsys_steps and cuda and i == nsys_steps[1]:
                 torch.cuda.profiler.stop()
-    trace_path = None
-    if use_torch_profiler:
-        raw = out_dir / "trace.json"
-        prof.export_chrome_trace(str(raw))
-        trace_path = out_dir / "trace.json.gz"  # traces compress ~10×: keeps GPU runs under transfer limits
-        with open(raw, "rb") as src, gzip.open(trace_path, "wb", compresslevel=6) as dst:
-            shutil.copyfileobj(src, dst)
-        raw.unlink()
-    tokens = cfg.train_batch_tokens
+    trace_path = save_trace(prof, out_dir) if use_torch_profiler else None
     meta = {
-        "preset_config": {k: getattr(cfg, k) for k in ("num_layers", "model_dim", "num_heads", "num_kv_heads",
-                                                      "mlp_mult", "vocab_size", "train_seq_len",
-                                                      "train_batch_tokens", "linear", "mlp", "attention", "loss",
-                                                      "compile")},
-        "device": device.type, "params": params, "tokens_per_step": tokens, "grad_accum_steps": accum,
-        "flops_per_step": train_flops_per_token(cfg, params) * tokens, "warmup_steps": warmup,
+        **run_meta(cfg, device, params, accum, world_size=1), "warmup_steps": warmup,
         "profiled_steps": list(range(warmup, warmup + steps)), "nsys_steps": list(nsys_steps) if nsys_steps else None,
-        "data": cfg.data_path or "random tokens", "telemetry": telemetry.summary(), **_peak_memory(device),
+        "telemetry": telemetry.summary(), **peak_memory(device),
     }
     print(f"tgolf.profile: {steps} profiled steps, median {sorted(step_ms)[len(step_ms) // 2]:.1f} ms",
           file=sys.stderr)

@@ -16,12 +16,13 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tgolf.config import Config
+from tgolf.config import Config, parse_step_range
 from tgolf.nvtx import nvtx_range
 from tgolf.train import checkpoint, distributed
 from tgolf.train.distributed import DistEnv
 from tgolf.train.logging import RunLogger
 from tgolf.train.optim import apply_schedule, build_optimizers, muon_momentum
+from tgolf.train.profiling import StepWindow
 from tgolf.train.schedule import lr_scale
 
 
@@ -124,6 +125,12 @@ class Trainer:
                                           broadcast_buffers=False)
         self.model = net
         self.train_step = make_train_step(cfg, net, env, self.accum)
+        from tgolf.profile.run import run_meta
+
+        window = parse_step_range(cfg.profile_steps, "config field profile_steps") if env.is_main else None
+        params = sum(p.numel() for p in model.parameters())
+        self.window = StepWindow(window, run_dir / "profile", env.device,
+                                 run_meta(cfg, env.device, params, self.accum, env.world_size))
         self.step = 0
         self.train_seconds = 0.0
         self.last_finite_loss = math.nan
@@ -170,7 +177,7 @@ class Trainer:
         ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
         mine, theirs = self.cfg.to_dict(), ckpt.config
         ignored = {"resume", "max_wallclock_seconds", "iterations", "checkpoint_every", "submission_dir",
-                   "val_loss_every", "train_log_every", "out_dir", "compile", "device"}
+                   "val_loss_every", "train_log_every", "out_dir", "compile", "device", "profile_steps"}
         differing = sorted(k for k in mine if k not in ignored and mine[k] != theirs.get(k))
         if differing:
             raise ValueError(f"--resume {path}: config differs from the checkpoint's in {differing}")
@@ -202,6 +209,18 @@ class Trainer:
         self.loader.load_state_dict(saved_loader)
         self.logger.log(f"warmup: {self.cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
                         "(not counted; model, optimizer and data state restored)")
+
+    def _finish_profile(self) -> None:
+        """Write the profiled window's trace (outside the timed training) and say how to read it."""
+        if self.window.steps is None:
+            return
+        trace = self.window.finish(self.step - 1)
+        first, last = self.window.steps
+        if trace is None:
+            self.logger.log(f"profile_steps {first}:{last}: nothing recorded, the run stopped at step {self.step}")
+            return
+        self.logger.log(f"profiled steps {first}..{first + len(self.window.step_ms) - 1} → {trace}; report: "
+                        f"python -m tgolf.profile --from-trace {trace} --out {trace.parent}")
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -242,8 +261,9 @@ class Trainer:
                     break
                 scale = lr_scale(self.step, elapsed, mean_step, iterations=cfg.iterations,
                                  warmdown_iters=cfg.warmdown_iters, max_wallclock_s=budget)
-                loss = self.train_step(self._micro_batches())
-                self._optimizer_step(scale)
+                with self.window.around(self.step):
+                    loss = self.train_step(self._micro_batches())
+                    self._optimizer_step(scale)
                 if pending is not None:
                     self._check_finite(pending[0], pending[1].item())
                 pending = (self.step + 1, loss)
@@ -285,5 +305,6 @@ class Trainer:
         tokens = (self.step - start_step) * cfg.train_batch_tokens
         self.logger.log(f"stopped at step:{self.step}/{cfg.iterations} ({stopped_by}) "
                         f"train_time:{1000 * self.train_seconds:.0f}ms")
+        self._finish_profile()
         return TrainResult(steps=self.step, train_seconds=self.train_seconds, last_loss=self.last_finite_loss,
                            tokens=tokens, val_history=history, stopped_by=stopped_by)
