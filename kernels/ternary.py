@@ -237,10 +237,11 @@ def _int8_mm_kernel(xq_ptr, xs_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M,
                     mask=mask_m[:, None] & mask_k[None, :], other=0)
         b = tl.load(codes_ptr + offs_n[None, :] * stride_cn + offs_k[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0)
+        # out_dtype named: Triton 3.6 defaults it to float32 and then rejects an int32 accumulator
         if ROW_SCALE:
-            acc_i = tl.dot(a, b, acc_i)
+            acc_i = tl.dot(a, b, acc_i, out_dtype=tl.int32)
         else:
-            part = tl.dot(a, b, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32))
+            part = tl.dot(a, b, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32), out_dtype=tl.int32)
             ws = tl.load(scales_ptr + offs_n * G + k0 // GS, mask=mask_n, other=0.0)
             acc = acc + part.to(tl.float32) * ws[None, :]
     if ROW_SCALE:

@@ -46,3 +46,12 @@ def test_collect_survives_a_family_that_fails_to_import(monkeypatch):
     report = info.collect()
     assert "tgolf.ops.does_not_exist" in report["import_errors"]
     assert "failed to import" in info.render(report)
+
+
+def test_forced_backend_that_is_not_available_says_so():
+    report = json.loads(_run("--json", TGOLF_BACKEND="triton").stdout)  # no TRITON_INTERPRET in the child
+    for name, per_device in report["ops"].items():
+        cpu = per_device["cpu"]
+        assert cpu["backend"] == "reference" and cpu["reason"].startswith("TGOLF_BACKEND=triton is not available"), name
+    forced = json.loads(_run("--json", TGOLF_BACKEND="reference").stdout)
+    assert all(d["cpu"]["reason"] == "forced by TGOLF_BACKEND" for d in forced["ops"].values())

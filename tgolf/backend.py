@@ -31,6 +31,33 @@ def triton_interpret() -> bool:
 _PROBES: dict[str, object] = {}
 
 
+def fix_triton_interpreter() -> None:
+    """Let the CPU interpreter of Triton 3.6 (and older) run loops with runtime bounds under NumPy >= 2.4.
+
+    Those Triton versions convert a loop bound (a one-element 1-D array in the interpreter) with ``int(array)``,
+    which NumPy 2.4 made an error (triton issue 9171, fixed upstream by triton PR 9172). Re-defining the same
+    conversion through ``item()`` changes nothing else. Only the interpreter of Triton < 3.8 is touched.
+    """
+    if not triton_interpret() or "interpreter_index" in _PROBES:
+        return
+    _PROBES["interpreter_index"] = True
+    import triton
+    from triton.runtime import interpreter
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 8):  # fixed there: touch nothing
+        return
+
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None:  # a Triton whose interpreter is laid out differently: leave it alone
+        return
+
+    def _patch_lang_tensor(tensor, scope) -> None:
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
 def triton_importable() -> bool:
     if "triton" not in _PROBES:
         try:
@@ -74,14 +101,23 @@ def choose(device: torch.device, cuda_name: str | None = None, has_triton: bool 
     ``has_triton`` says whether the family has a Triton kernel for this op.
     """
     forced = forced_backend()
+    choice = _available(device, cuda_name, has_triton, forced)
+    if forced is not None and choice.backend != forced:  # say so rather than fall back silently
+        return Choice(choice.backend, f"TGOLF_BACKEND={forced} is not available for this op here; {choice.reason}")
+    return choice
+
+
+def _available(device: torch.device, cuda_name: str | None, has_triton: bool, forced: str | None) -> Choice:
     if device.type == "cuda":
         if forced in (None, "cuda") and cuda_name and cuda_op(cuda_name) is not None:
             return Choice("cuda", f"CUDA kernel torch.ops.tgolf.{cuda_name}")
         if forced in (None, "cuda", "triton") and has_triton and triton_importable():
             return Choice("triton", "Triton kernel on the GPU")
         return Choice("reference", "forced by TGOLF_BACKEND" if forced == "reference" else "no kernel available")
-    if forced in (None, "triton") and has_triton and triton_importable() and triton_interpret():
+    if forced in (None, "triton", "cuda") and has_triton and triton_importable() and triton_interpret():
         return Choice("triton", "Triton kernel under TRITON_INTERPRET=1 on the CPU")
+    if forced == "reference":
+        return Choice("reference", "forced by TGOLF_BACKEND")
     return Choice("reference", "CPU tensors: PyTorch reference (set TRITON_INTERPRET=1 to run Triton on the CPU)")
 
 
