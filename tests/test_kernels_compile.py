@@ -1,0 +1,79 @@
+"""Every Triton kernel compiles for sm_90 (H100) as its launch helpers launch it, without a GPU.
+
+The CPU interpreter (TRITON_INTERPRET=1) runs the kernels but never compiles them, so compile-only errors (tl.dot
+dtype rules, layouts, ptxas) and lost Hopper paths (wgmma, cp.async pipelining) only show here.
+tests/_sm90_launches.py records the launches of all five families' helpers and compiles each distinct one in a
+child process without TRITON_INTERPRET; these tests check what it reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from tgolf.kernels.mlp import _GPU_CONFIGS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tensor-core GEMMs: bf16 / int8 / fp8 operands must reach wgmma on sm_90 (exact fp32 dots cannot).
+WGMMA_GEMMS = ("_ternary_mm_kernel", "_int8_mm_kernel", "_qat_matmul_kernel", "_fp8_matmul_kernel",
+               "_gemm_sq_act_kernel")
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "tests/_sm90_launches.py"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def launches(report: dict, kernel: str) -> list[dict]:
+    found = [launch for launch in report["launches"] if launch["kernel"] == kernel]
+    assert found, f"{kernel}: never launched"
+    return found
+
+
+def label(launch: dict) -> str:
+    """The launch's kernel, operand types and constexprs (unit strides and the like left out), for messages."""
+    consts = {k: v for k, v in launch["constexprs"].items() if k.isupper()}
+    return f"{launch['kernel']} {list(launch['signature'].values())[:2]} {consts} warps={launch['num_warps']}"
+
+
+def test_every_recorded_launch_compiles_for_sm90(report):
+    failed = [f"{label(launch)}\n    {launch['error']}" for launch in report["launches"] if "error" in launch]
+    assert not failed, f"triton {report['triton']}: " + "\n".join(failed)
+
+
+def test_every_triton_kernel_in_kernels_is_launched(report):
+    """A @triton.jit function nothing launches (or calls from a launched kernel) would escape the compile check:
+    add its launch helper's calls to tests/_sm90_launches.py."""
+    assert report["uncovered"] == []
+
+
+def test_hot_gemms_use_wgmma_on_sm90(report):
+    """Large-tile GEMMs on bf16 / int8 / fp8 operands use Hopper's wgmma; the small-batch ternary tile (BLOCK_M 16)
+    is too small for it and exact fp32 (PRECISION "ieee") has no tensor-core path."""
+    hot = [launch for kernel in WGMMA_GEMMS for launch in launches(report, kernel)
+           if launch["constexprs"].get("PRECISION") != "ieee" and int(launch["constexprs"]["BLOCK_M"]) >= 64]
+    assert {launch["kernel"] for launch in hot} == set(WGMMA_GEMMS)
+    assert [label(launch) for launch in hot if not launch["wgmma"]] == []
+
+
+def test_mlp_gemm_is_pipelined_with_cp_async_in_every_autotune_config(report):
+    mlp = launches(report, "_gemm_sq_act_kernel")
+    configs = {(launch["constexprs"]["BACKWARD"], launch["constexprs"]["BLOCK_M"], launch["constexprs"]["BLOCK_N"],
+                launch["constexprs"]["BLOCK_K"], launch["num_warps"], launch["num_stages"]) for launch in mlp}
+    assert len(configs) == 2 * len(_GPU_CONFIGS), "every autotune config, forward and backward"
+    assert [label(launch) for launch in mlp if not launch["cp_async"]] == []
+
+
+def test_int8_activation_quantization_divides_in_float64(report):
+    """127 / absmax must be a correctly rounded float64 division to match the reference's codes bit for bit."""
+    assert all(launch["f64_div"] for launch in launches(report, "_act_quant_kernel"))
