@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tensor-core GEMMs: bf16 / int8 / fp8 operands must reach wgmma on sm_90 (exact fp32 dots cannot).
 WGMMA_GEMMS = ("_ternary_mm_kernel", "_int8_mm_kernel", "_qat_matmul_kernel", "_fp8_matmul_kernel",
                "_gemm_sq_act_kernel")
+LINEAR_ATTENTION_CHUNK = ("chunk_state_fwd_kernel", "chunk_out_fwd_kernel", "chunk_state_bwd_kernel",
+                          "chunk_bwd_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +66,14 @@ def test_hot_gemms_use_wgmma_on_sm90(report):
            if launch["constexprs"].get("PRECISION") != "ieee" and int(launch["constexprs"]["BLOCK_M"]) >= 64]
     assert {launch["kernel"] for launch in hot} == set(WGMMA_GEMMS)
     assert [label(launch) for launch in hot if not launch["wgmma"]] == []
+
+
+def test_linear_attention_chunk_kernels_use_wgmma_on_bf16(report):
+    """The chunked form's intra-chunk and state products are tensor-core work: on bf16 they reach wgmma."""
+    bf16 = [launch for kernel in LINEAR_ATTENTION_CHUNK for launch in launches(report, kernel)
+            if launch["constexprs"].get("DOT_DTYPE") == "bf16"]
+    assert {launch["kernel"] for launch in bf16} == set(LINEAR_ATTENTION_CHUNK)
+    assert [label(launch) for launch in bf16 if not launch["wgmma"]] == []
 
 
 def test_mlp_gemm_is_pipelined_with_cp_async_in_every_autotune_config(report):
