@@ -22,7 +22,6 @@ from tgolf.train import checkpoint, distributed
 from tgolf.train.distributed import DistEnv
 from tgolf.train.logging import RunLogger
 from tgolf.train.optim import apply_schedule, build_optimizers, muon_momentum
-from tgolf.train.profiling import StepWindow
 from tgolf.train.schedule import lr_scale
 
 
@@ -125,12 +124,16 @@ class Trainer:
                                           broadcast_buffers=False)
         self.model = net
         self.train_step = make_train_step(cfg, net, env, self.accum)
-        from tgolf.profile.run import run_meta
+        self.window = None  # the profiled window of --profile-steps, on the main rank only
+        steps = parse_step_range(cfg.profile_steps, "config field profile_steps")
+        if steps is not None and env.is_main:
+            # an instrument, imported only when asked for (tgolf.profile is not counted in the code bytes)
+            from tgolf.profile.run import run_meta
+            from tgolf.profile.window import StepWindow
 
-        window = parse_step_range(cfg.profile_steps, "config field profile_steps") if env.is_main else None
-        params = sum(p.numel() for p in model.parameters())
-        self.window = StepWindow(window, run_dir / "profile", env.device,
-                                 run_meta(cfg, env.device, params, self.accum, env.world_size))
+            params = sum(p.numel() for p in model.parameters())
+            self.window = StepWindow(steps, run_dir / "profile", env.device,
+                                     run_meta(cfg, env.device, params, self.accum, env.world_size))
         self.step = 0
         self.train_seconds = 0.0
         self.last_finite_loss = math.nan
@@ -212,7 +215,7 @@ class Trainer:
 
     def _finish_profile(self) -> None:
         """Write the profiled window's trace (outside the timed training) and say how to read it."""
-        if self.window.steps is None:
+        if self.window is None:
             return
         trace = self.window.finish(self.step - 1)
         first, last = self.window.steps
@@ -261,7 +264,7 @@ class Trainer:
                     break
                 scale = lr_scale(self.step, elapsed, mean_step, iterations=cfg.iterations,
                                  warmdown_iters=cfg.warmdown_iters, max_wallclock_s=budget)
-                with self.window.around(self.step):
+                with self.window.around(self.step) if self.window else contextlib.nullcontext():
                     loss = self.train_step(self._micro_batches())
                     self._optimizer_step(scale)
                 if pending is not None:

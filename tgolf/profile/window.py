@@ -18,20 +18,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from tgolf.nvtx import enable_ranges
+from tgolf.profile.run import save_trace
+from tgolf.profile.telemetry import Telemetry
 
 
 class StepWindow:
     """Profiles steps ``first..last`` (counted from 0: step 0 is the first timed step) on this process."""
 
-    def __init__(self, steps: tuple[int, int] | None, out_dir: Path, device: torch.device, meta: dict):
+    def __init__(self, steps: tuple[int, int], out_dir: Path, device: torch.device, meta: dict):
         self.steps, self.out_dir, self.device, self.meta = steps, out_dir, device, meta
         self.step_ms: list[float] = []
         self._prof: profile | None = None
         self._telemetry = None
 
     def _start(self) -> None:
-        from tgolf.profile.telemetry import Telemetry
-
         enable_ranges(True)
         self._telemetry = Telemetry().__enter__()
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
@@ -45,7 +45,7 @@ class StepWindow:
     @contextlib.contextmanager
     def around(self, step: int) -> Iterator[None]:
         """Wrap one training step; outside the window this does nothing."""
-        if self.steps is None or not self.steps[0] <= step <= self.steps[1]:
+        if not self.steps[0] <= step <= self.steps[1]:
             yield
             return
         if step == self.steps[0]:
@@ -63,10 +63,8 @@ class StepWindow:
         """Close the window if the run ended inside it; write the trace and run.json. None if nothing was recorded."""
         if self._prof is None:
             return None
-        if self.steps is not None and last_step < self.steps[1]:
+        if last_step < self.steps[1]:
             self._stop()
-        from tgolf.profile.run import save_trace
-
         trace = save_trace(self._prof, self.out_dir)
         first = self.steps[0]
         meta = {**self.meta, "profiled_steps": list(range(first, first + len(self.step_ms))),
