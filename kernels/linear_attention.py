@@ -50,6 +50,25 @@ def _chunk_ids(ctab_ptr, cu_ptr, i_c, BT: tl.constexpr):
 
 
 @triton.jit
+def _state_tile(cu_ptr, coff_ptr, init_ptr, i_n, i_h, i_k, i_v, H, DK, DV,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr):
+    """One [BK, BV] tile of a sequential state pass over sequence i_n, head i_h: the sequence's tokens [bos, eos),
+    the global index c0 of its first chunk, its chunk count, the tile's offsets and mask, and the state the pass
+    starts from (init_ptr[i_n] when HAS_INIT, else zeros)."""
+    bos = tl.load(cu_ptr + i_n)
+    eos = tl.load(cu_ptr + i_n + 1)
+    c0 = tl.load(coff_ptr + i_n)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    return bos, eos, c0, tl.cdiv(eos - bos, BT), offs_k, offs_v, mask_kv, state_offs, state
+
+
+@triton.jit
 def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, coff_ptr,
                            H, HKV, DK, DV,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -59,17 +78,8 @@ def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, c
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hkv = i_h // (H // HKV)
-    bos = tl.load(cu_ptr + i_n)
-    eos = tl.load(cu_ptr + i_n + 1)
-    c0 = tl.load(coff_ptr + i_n)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(h0_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    bos, eos, c0, n_chunks, offs_k, offs_v, mask_kv, state_offs, state = _state_tile(
+        cu_ptr, coff_ptr, h0_ptr, i_n, i_h, i_k, i_v, H, DK, DV, BT, BK, BV, HAS_H0)
     for c in range(0, n_chunks):
         tl.store(h_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
         offs_t = bos + c * BT + tl.arange(0, BT)
@@ -137,17 +147,8 @@ def chunk_state_bwd_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_pt
     """dh[coff[n] + c] = gradient w.r.t. the state leaving chunk c; dh0[n] = gradient w.r.t. the initial state."""
     i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos = tl.load(cu_ptr + i_n)
-    eos = tl.load(cu_ptr + i_n + 1)
-    c0 = tl.load(coff_ptr + i_n)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
-    dstate = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        dstate += tl.load(dht_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
+    bos, eos, c0, n_chunks, offs_k, offs_v, mask_kv, state_offs, dstate = _state_tile(
+        cu_ptr, coff_ptr, dht_ptr, i_n, i_h, i_k, i_v, H, DK, DV, BT, BK, BV, HAS_DHT)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
         tl.store(dh_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, dstate, mask=mask_kv)
