@@ -6,9 +6,11 @@ import triton.language as tl
 
 
 @triton.jit
-def swizzled_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id → (row tile, column tile) of an [M, N] output, in groups of GROUP_M row tiles: programs of a
-    group walk the columns together, so the operand tiles they share are still in L2."""
+def output_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of an [M, N] output: row offsets, column offsets and their in-bounds masks.
+
+    Program ids walk the tiles in groups of GROUP_M row tiles: the programs of a group walk the columns together,
+    so the operand tiles they share are still in L2."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -17,4 +19,6 @@ def swizzled_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
-    return pid_m, pid_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from tgolf.backend import triton_interpret
-from tgolf.kernels.common import swizzled_tile
+from tgolf.kernels.common import output_tile
 
 # Hopper-friendly tiles from the Triton matmul tutorial; the choice is made once per (M, N, K) by the autotuner on
 # the first call (a training run's compile warm-up), never in timed steps. Needs measuring on a GPU.
@@ -39,13 +39,8 @@ def _gemm_sq_act_kernel(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K,
                         slope,
                         BACKWARD: tl.constexpr, UPCAST: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm, rn, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rk = tl.arange(0, BLOCK_K)
-    mask_m = rm < M
-    mask_n = rn < N
     a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
     b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn
 

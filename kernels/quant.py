@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from tgolf.backend import triton_interpret
-from tgolf.kernels.common import swizzled_tile
+from tgolf.kernels.common import output_tile
 
 _FP16_TINY = tl.constexpr(2.0 ** -24)  # reference.FP16_TINY
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to nearest-even
@@ -117,11 +117,7 @@ def _qat_matmul_kernel(a_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K,
     WEIGHT_ROWS_ARE_N: B = Wq.T (the forward, weight [N, K]); else B = Wq (the input gradient, weight [K, N]).
     Codes are contiguous; scales [weight rows, G] with GROUP weight columns per scale.
     """
-    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     if WEIGHT_ROWS_ARE_N:
         weight_cols = K
     else:
@@ -274,11 +270,7 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
                        A_ROWWISE: tl.constexpr, B_COLWISE: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """out[M, N] = (a[M, K] @ b[K, N]) * sa * sb + bias with fp8 a and b, fp32 accumulation."""
-    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = rm < M
-    n_mask = rn < N
+    rm, rn, m_mask, n_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)

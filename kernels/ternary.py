@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tgolf.kernels.common import swizzled_tile
+from tgolf.kernels.common import output_tile
 
 # ------------------------------------------------------------------------------------------------ weight quantization
 
@@ -94,12 +94,7 @@ def _ternary_mm_kernel(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, R, C, G, 
     back; with one scale per row and B = Wᵀ the scale multiplies the fp32 accumulator after the loop, otherwise
     codes × scales are formed in fp32 (the reference's dequantized weight) before the cast.
     """
-    pid_m, pid_c = swizzled_tile(M, C, BLOCK_M, BLOCK_C, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_m = offs_m < M
-    mask_c = offs_c < C
+    offs_m, offs_c, mask_m, mask_c = output_tile(M, C, BLOCK_M, BLOCK_C, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -222,12 +217,7 @@ def _int8_mm_kernel(xq_ptr, xs_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M,
     One scale per row: a single int32 accumulator, exact. Groups: BLOCK_K divides the group size, so each block's
     int32 partial product belongs to one group and is scaled before it joins the fp32 accumulator.
     """
-    pid_m, pid_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
