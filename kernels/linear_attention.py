@@ -69,6 +69,17 @@ def _state_tile(cu_ptr, coff_ptr, init_ptr, i_n, i_h, i_k, i_v, H, DK, DV,
 
 
 @triton.jit
+def _chunk_rows(a_ptr, b_ptr, offs_t, mask_t, head, HEADS, offs_k, offs_v, DK, DV):
+    """A state pass's operands for one chunk: a [T, HEADS, DK] at tokens offs_t as a [BK, BT] tile (transposed)
+    and b [T, HEADS, DV] as a [BT, BV] tile, both for `head`; padding reads zeros."""
+    at = tl.load(a_ptr + offs_t[None, :].to(tl.int64) * HEADS * DK + head * DK + offs_k[:, None],
+                 mask=mask_t[None, :] & (offs_k[:, None] < DK), other=0.0)
+    bb = tl.load(b_ptr + offs_t[:, None].to(tl.int64) * HEADS * DV + head * DV + offs_v[None, :],
+                 mask=mask_t[:, None] & (offs_v[None, :] < DV), other=0.0)
+    return at, bb
+
+
+@triton.jit
 def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, coff_ptr,
                            H, HKV, DK, DV,
                            BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -84,10 +95,7 @@ def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, c
         tl.store(h_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
         offs_t = bos + c * BT + tl.arange(0, BT)
         mask_t = offs_t < eos
-        kt = tl.load(k_ptr + offs_t[None, :].to(tl.int64) * HKV * DK + i_hkv * DK + offs_k[:, None],
-                     mask=mask_t[None, :] & (offs_k[:, None] < DK), other=0.0)
-        vv = tl.load(v_ptr + offs_t[:, None].to(tl.int64) * HKV * DV + i_hkv * DV + offs_v[None, :],
-                     mask=mask_t[:, None] & (offs_v[None, :] < DV), other=0.0)
+        kt, vv = _chunk_rows(k_ptr, v_ptr, offs_t, mask_t, i_hkv, HKV, offs_k, offs_v, DK, DV)
         if HAS_G:
             b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
             state = state * tl.exp(b_last)
@@ -154,10 +162,7 @@ def chunk_state_bwd_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_pt
         tl.store(dh_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, dstate, mask=mask_kv)
         offs_t = bos + c * BT + tl.arange(0, BT)
         mask_t = offs_t < eos
-        qt = tl.load(q_ptr + offs_t[None, :].to(tl.int64) * H * DK + i_h * DK + offs_k[:, None],
-                     mask=mask_t[None, :] & (offs_k[:, None] < DK), other=0.0)
-        dd = tl.load(do_ptr + offs_t[:, None].to(tl.int64) * H * DV + i_h * DV + offs_v[None, :],
-                     mask=mask_t[:, None] & (offs_v[None, :] < DV), other=0.0)
+        qt, dd = _chunk_rows(q_ptr, do_ptr, offs_t, mask_t, i_h, H, offs_k, offs_v, DK, DV)
         if HAS_G:
             b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
             dstate = dstate * tl.exp(b_last)
