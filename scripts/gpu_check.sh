@@ -98,8 +98,8 @@ XDIST=()
 [[ $DEVICE == cuda ]] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step pytest-gpu 90 pytest.log $PY -m pytest -m gpu -q -p no:cacheprovider --durations=15 "${XDIST[@]}"
 # The benchmarks get what the budget leaves once the later steps are reserved (memcheck; the training's seconds plus
-# about 95 s of start-up, compilation, export, evaluation and report), but at least 100 s: they are what the kernel
-# issues wait for, so when time is short the training is what shrinks.
+# an allowance of 95 s, not yet timed on a GPU, for its start-up, compilation, export, evaluation and report), but at
+# least 100 s: they are what the kernel issues wait for, so when time is short the training is what shrinks.
 MEMCHECK=0
 [[ $DEVICE == cuda ]] && command -v compute-sanitizer >/dev/null && MEMCHECK=1
 if [[ -n "$DATA" ]]; then reserve=$((40 * MEMCHECK + TRAIN_SECONDS + 95)); else reserve=$((40 * MEMCHECK + 120)); fi
