@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from tgolf.backend import triton_interpret
-from tgolf.kernels.common import output_tile
+from tgolf.kernels.common import k_step_rows, output_tile
 
 _FP16_TINY = tl.constexpr(2.0 ** -24)  # reference.FP16_TINY
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to nearest-even
@@ -126,10 +126,7 @@ def _qat_matmul_kernel(a_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K,
         col_scale = tl.load(scales_ptr + rn * G, mask=n_mask, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a, rk, k_mask = k_step_rows(a_ptr, rm, m_mask, k0, K, stride_am, stride_ak, BLOCK_K)
         b_mask = k_mask[:, None] & n_mask[None, :]
         if WEIGHT_ROWS_ARE_N:
             w_row = rn[None, :]
@@ -273,10 +270,7 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
     rm, rn, m_mask, n_mask = output_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = rk < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak,
-                    mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        a, rk, k_mask = k_step_rows(a_ptr, rm, m_mask, k0, K, stride_am, stride_ak, BLOCK_K)
         b = tl.load(b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc)

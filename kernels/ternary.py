@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tgolf.kernels.common import output_tile
+from tgolf.kernels.common import k_step_rows, output_tile
 
 # ------------------------------------------------------------------------------------------------ weight quantization
 
@@ -97,10 +97,7 @@ def _ternary_mm_kernel(a_ptr, w_ptr, scales_ptr, bias_ptr, out_ptr, M, R, C, G, 
     offs_m, offs_c, mask_m, mask_c = output_tile(M, C, BLOCK_M, BLOCK_C, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        a, offs_r, mask_r = k_step_rows(a_ptr, offs_m, mask_m, r0, R, stride_am, stride_ar, BLOCK_R)
         if MODE == 1:
             n = offs_r[:, None]
             k = offs_c[None, :]
@@ -221,10 +218,7 @@ def _int8_mm_kernel(xq_ptr, xs_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M,
     acc_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(xq_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0)
+        a, offs_k, mask_k = k_step_rows(xq_ptr, offs_m, mask_m, k0, K, stride_xm, 1, BLOCK_K)
         b = tl.load(codes_ptr + offs_n[None, :] * stride_cn + offs_k[:, None],
                     mask=mask_k[:, None] & mask_n[None, :], other=0)
         # out_dtype named: Triton 3.6 defaults it to float32 and then rejects an int32 accumulator

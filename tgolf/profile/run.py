@@ -92,7 +92,7 @@ def save_trace(prof: profile, out_dir: Path) -> Path:
     return trace_path
 
 
-def peak_memory(device: torch.device) -> dict:
+def _peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
@@ -164,7 +164,7 @@ def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
     meta = {
         **run_meta(cfg, device, params, accum, world_size=1), "warmup_steps": warmup,
         "profiled_steps": list(range(warmup, warmup + steps)), "nsys_steps": list(nsys_steps) if nsys_steps else None,
-        "telemetry": telemetry.summary(), **peak_memory(device),
+        "telemetry": telemetry.summary(), **_peak_memory(device),
     }
     print(f"tgolf.profile: {steps} profiled steps, median {sorted(step_ms)[len(step_ms) // 2]:.1f} ms",
           file=sys.stderr)
