@@ -302,14 +302,20 @@ def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_p
 # Largest Dk / Dv tiles (tests lower them to exercise the multi-block paths with small head dims).
 MAX_BLOCK_K = 128
 MAX_BLOCK_V = 64
+# chunk_bwd_kernel keeps more [BK, BV] tiles live per step (h, dh and their pipelined loads); at BK = 128 it needs
+# 232 KiB of shared memory (tests/_sm90_launches.py reports it), over H100's 227 KiB per block, and spills registers.
+# With several [BK, BV] blocks (head dim 128) it runs 8 warps: at 4 the 255 registers per thread spill.
+MAX_BLOCK_K_BACKWARD = 64
 # The state passes walk the chunks one after another; with fewer (sequence, head, Dk block) rows than this they
 # also split Dv finer (32), to keep more SMs busy (H100: 132). A fixed rule, no autotuning (GPU tuning pending).
 SEQUENTIAL_ROWS_FOR_WIDE_TILES = 256
 
 
-def _blocks(dk: int, dv: int, sequential_rows: int | None = None) -> tuple[int, int, int, int]:
-    """(BK, BV, NK, NV); ``sequential_rows`` (state passes only) = sequences × heads."""
-    bk = min(max(triton.next_power_of_2(dk), 16), MAX_BLOCK_K)
+def _blocks(dk: int, dv: int, sequential_rows: int | None = None, max_block_k: int | None = None
+            ) -> tuple[int, int, int, int]:
+    """(BK, BV, NK, NV); ``sequential_rows`` (state passes only) = sequences × heads; ``max_block_k`` lowers
+    MAX_BLOCK_K."""
+    bk = min(max(triton.next_power_of_2(dk), 16), MAX_BLOCK_K, max_block_k or MAX_BLOCK_K)
     cap = MAX_BLOCK_V
     if sequential_rows is not None and sequential_rows * triton.cdiv(dk, bk) < SEQUENTIAL_ROWS_FOR_WIDE_TILES:
         cap = min(cap, 32)
@@ -381,7 +387,7 @@ def chunk_state_grads(q, do, g, dht, cu, coff, num_chunks: int, scale: float, dk
 def chunk_grads(q, k, v, g, h, do, dh, cu, ctab, scale: float, chunk: int, interpret: bool):
     """(dq [Ttot, H, Dk], dk and dv per query head [Ttot, H, D], dG [Ttot, H] fp32 or None)."""
     heads, hkv, dk, dv = q.shape[1], k.shape[1], q.shape[2], v.shape[2]
-    bk, bv, nk, nv = _blocks(dk, dv)
+    bk, bv, nk, nv = _blocks(dk, dv, max_block_k=MAX_BLOCK_K_BACKWARD)
     dot_dtype, prec = _dot_config(q.dtype, interpret)
     total = q.shape[0]
     dq = _empty(q, *q.shape, dtype=q.dtype)
@@ -391,7 +397,7 @@ def chunk_grads(q, k, v, g, h, do, dh, cu, ctab, scale: float, chunk: int, inter
     chunk_bwd_kernel[(ctab.shape[0], heads)](
         q, k, v, g if g is not None else _dummy(q), h, do, dh, dq, dkk, dvv, dg if dg is not None else _dummy(q),
         cu, ctab, scale, heads, hkv, dk, dv, BT=chunk, BK=bk, BV=bv, NK=nk, NV=nv, HAS_G=g is not None,
-        DOT_DTYPE=dot_dtype, PREC=prec)
+        DOT_DTYPE=dot_dtype, PREC=prec, num_warps=4 if nk * nv == 1 else 8)
     return dq, dkk, dvv, dg
 
 

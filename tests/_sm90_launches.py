@@ -13,11 +13,15 @@ Every @triton.jit function in the kernels package must be launched or called fro
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import pkgutil
+import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -34,6 +38,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton import knobs  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 import tgolf.kernels as kernels_pkg  # noqa: E402
@@ -197,13 +202,25 @@ def compile_all(launches: list[Launch]) -> list[dict]:
         start = time.perf_counter()
         try:
             source = ASTSource(jit, signature, constexprs, attrs)
-            ptx = triton.compile(source, target=TARGET, options=options).asm["ptx"]
-            result.update(wgmma="wgmma" in ptx, cp_async="cp.async" in ptx, f64_div="div.rn.f64" in ptx)
+            with contextlib.redirect_stdout(io.StringIO()) as ptxas_log:
+                compiled = triton.compile(source, target=TARGET, options=options)
+            ptx = compiled.asm["ptx"]
+            result.update(wgmma="wgmma" in ptx, cp_async="cp.async" in ptx, f64_div="div.rn.f64" in ptx,
+                          shared_bytes=compiled.metadata.shared, **ptxas_usage(ptxas_log.getvalue()))
         except Exception as error:  # reported per launch, so one failure does not hide the others
             result["error"] = f"{type(error).__name__}: {error}"[-3000:]
         result["seconds"] = round(time.perf_counter() - start, 2)
         results.append(result)
     return results
+
+
+def ptxas_usage(log: str) -> dict:
+    """Registers per thread and spill bytes from ``ptxas -v`` (printed by Triton with dump_ptxas_log; empty when
+    the kernel came from Triton's cache, which is why main() compiles into a fresh cache)."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(regs[1]) if regs else None,
+                spill_bytes=int(spills[1]) + int(spills[2]) if spills else None)
 
 
 def _function(jit: JITFunction | Autotuner) -> FunctionType:
@@ -240,7 +257,11 @@ def main() -> None:
     with recording() as launches:
         for family in FAMILIES:
             family()
-    print(json.dumps(dict(triton=triton.__version__, launches=compile_all(launches),
+    knobs.nvidia.dump_ptxas_log = True
+    with tempfile.TemporaryDirectory() as cache:
+        knobs.cache.dir = cache  # every launch really runs ptxas, so its resource report is there to read
+        results = compile_all(launches)
+    print(json.dumps(dict(triton=triton.__version__, launches=results,
                           uncovered=uncovered([jit for jit, _, _ in launches]))))
 
 

@@ -23,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tensor-core GEMMs: bf16 / int8 / fp8 operands must reach wgmma on sm_90 (exact fp32 dots cannot).
 WGMMA_GEMMS = ("_ternary_mm_kernel", "_int8_mm_kernel", "_qat_matmul_kernel", "_fp8_matmul_kernel",
                "_gemm_sq_act_kernel")
+# H100's shared memory per block (opt-in maximum, 227 KiB): a launch over it fails with OutOfResources on the GPU.
+H100_SHARED_BYTES = 232_448
+# Spill bytes (stores + loads per thread) tolerated in a hot launch: a few registers' worth, not a tile.
+SPILL_TOLERANCE = 128
 LINEAR_ATTENTION_CHUNK = ("chunk_state_fwd_kernel", "chunk_out_fwd_kernel", "chunk_state_bwd_kernel",
                           "chunk_bwd_kernel")
 
@@ -57,6 +61,34 @@ def test_every_triton_kernel_in_kernels_is_launched(report):
     """A @triton.jit function nothing launches (or calls from a launched kernel) would escape the compile check:
     add its launch helper's calls to tests/_sm90_launches.py."""
     assert report["uncovered"] == []
+
+
+def test_every_launch_fits_h100_shared_memory(report):
+    over = [f"{label(launch)}: {launch['shared_bytes']} bytes" for launch in report["launches"]
+            if launch["shared_bytes"] > H100_SHARED_BYTES]
+    assert not over, f"over {H100_SHARED_BYTES} bytes of shared memory:\n" + "\n".join(over)
+
+
+def is_hot(launch: dict) -> bool:
+    """A launch of the bf16 / int8 / fp8 training path, not of the fp32 correctness path (exact ieee dots)."""
+    first_operand = next(iter(launch["signature"].values()))
+    return first_operand != "*fp32" and "ieee" not in (launch["constexprs"].get("PRECISION"),
+                                                       launch["constexprs"].get("PREC"))
+
+
+def test_hot_launches_do_not_spill_registers(report):
+    """ptxas's spill report (read from a fresh Triton cache): a launch helper's fixed tile must not spill; an
+    autotuned kernel may have configs that do (the autotuner times them) but not all of them, in each direction."""
+    launched = report["launches"]
+    assert all(launch["spill_bytes"] is not None for launch in launched), "ptxas -v log not captured"
+    autotuned = {"_gemm_sq_act_kernel"}
+    fixed = [f"{label(launch)}: {launch['spill_bytes']} bytes" for launch in launched
+             if is_hot(launch) and launch["kernel"] not in autotuned and launch["spill_bytes"] > SPILL_TOLERANCE]
+    assert not fixed, "\n".join(fixed)
+    for kernel in autotuned:
+        for backward in ("False", "True"):
+            configs = [launch for launch in launches(report, kernel) if launch["constexprs"]["BACKWARD"] == backward]
+            assert any(launch["spill_bytes"] == 0 for launch in configs), f"{kernel} BACKWARD={backward}"
 
 
 def test_hot_gemms_use_wgmma_on_sm90(report):
