@@ -73,36 +73,38 @@ _gemm_sq_act_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["M", "N", "K", "
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor, slope: float,
-            backward: bool) -> None:
+            backward: bool, config: dict | None) -> None:
     (m, k), n = a.shape, b.shape[1]
     args = (a, b, h, out, m, n, k, *a.stride(), *b.stride(), *h.stride(), *out.stride(), float(slope))
     interpret = triton_interpret()
-    if interpret:
-        meta = _INTERPRET_META
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _gemm_sq_act_kernel[grid](*args, BACKWARD=backward, UPCAST=a.dtype != torch.float32, **meta)
-    else:
+    meta = config or (_INTERPRET_META if interpret else None)
+    if meta is None:  # the GPU: autotuned over _GPU_CONFIGS
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _gemm_sq_act_tuned[grid](*args, BACKWARD=backward, UPCAST=False)
+    else:
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _gemm_sq_act_kernel[grid](*args, BACKWARD=backward, UPCAST=interpret and a.dtype != torch.float32, **meta)
 
 
 def gemm_sq_act(x: torch.Tensor, fc_weight: torch.Tensor, negative_slope: float,
-                a: torch.Tensor | None = None, h: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                a: torch.Tensor | None = None, h: torch.Tensor | None = None, config: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x @ fc_weightᵀ``, ``a = act(h)``: x [M, D], fc_weight [H, D] → (a, h), both [M, H] in x's dtype.
 
-    ``a`` and ``h`` may be given (tests poison them with NaN); ``negative_slope`` 0 is relu².
+    ``a`` and ``h`` may be given (tests poison them with NaN); ``negative_slope`` 0 is relu². ``config`` (block
+    sizes, e.g. one of _GPU_CONFIGS' kwargs) replaces the autotuner (tests, tuning).
     """
     m, hidden = x.shape[0], fc_weight.shape[0]
     a = torch.empty(m, hidden, device=x.device, dtype=x.dtype) if a is None else a
     h = torch.empty(m, hidden, device=x.device, dtype=x.dtype) if h is None else h
-    _launch(x, fc_weight.t(), h, a, negative_slope, backward=False)
+    _launch(x, fc_weight.t(), h, a, negative_slope, backward=False, config=config)
     return a, h
 
 
 def gemm_sq_act_grad(grad_out: torch.Tensor, proj_weight: torch.Tensor, h: torch.Tensor, negative_slope: float,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """``dh = (grad_out @ proj_weight) * act'(h)``: grad_out [M, Dout], proj_weight [Dout, H], h [M, H] → [M, H]."""
     out = torch.empty_like(h) if out is None else out
-    _launch(grad_out, proj_weight, h, out, negative_slope, backward=True)
+    _launch(grad_out, proj_weight, h, out, negative_slope, backward=True, config=config)
     return out

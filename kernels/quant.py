@@ -155,8 +155,9 @@ def _qat_matmul_kernel(a_ptr, codes_ptr, scales_ptr, bias_ptr, out_ptr, M, N, K,
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _gemm_blocks(fp8: bool) -> dict:
-    if triton_interpret():  # small tiles so CPU tests cover several tiles and ragged edges quickly
+def gemm_blocks(fp8: bool, interpret: bool) -> dict:
+    """Fixed tiles of the QAT and fp8 GEMMs (GPU values untuned: they need an H100)."""
+    if interpret:  # small tiles so CPU tests cover several tiles and ragged edges quickly
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if fp8 else 64, GROUP_M=8, num_warps=8, num_stages=3)
 
@@ -166,15 +167,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def qat_matmul(a: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, group_size: int,
-               bias: torch.Tensor | None = None, weight_rows_are_n: bool = True) -> torch.Tensor:
+               bias: torch.Tensor | None = None, weight_rows_are_n: bool = True, config: dict | None = None
+               ) -> torch.Tensor:
     """``a @ Wq.T + bias`` (weight_rows_are_n: codes [N, K]) or ``a @ Wq`` (codes [K, N]), Wq = codes * scales.
 
     The output has a's dtype; Wq is rounded to a's dtype before the dot, as ``F.linear(a, Wq.to(a.dtype))``.
+    ``config`` overrides ``gemm_blocks`` (tests, tuning).
     """
     m, k = a.shape
     n = codes.shape[0] if weight_rows_are_n else codes.shape[1]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
-    blocks = _gemm_blocks(fp8=False)
+    blocks = config or gemm_blocks(fp8=False, interpret=triton_interpret())
     grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
     if out.numel() == 0:
         return out
@@ -289,13 +292,13 @@ def _fp8_matmul_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, out_ptr, M, N, K,
 
 
 def fp8_matmul(a: torch.Tensor, sa: torch.Tensor, b: torch.Tensor, sb: torch.Tensor, out_dtype: torch.dtype,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+               bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """``(a @ b) * sa * sb + bias``: a fp8 [M, K] with sa [] or [M, 1]; b fp8 [K, N] (any strides, e.g. ``w.T``)
-    with sb [] or one scale per column (any shape of N elements)."""
+    with sb [] or one scale per column (any shape of N elements); ``config`` overrides ``gemm_blocks``."""
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    blocks = _gemm_blocks(fp8=True)
+    blocks = config or gemm_blocks(fp8=True, interpret=triton_interpret())
     grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
     if out.numel() == 0:
         return out

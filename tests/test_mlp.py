@@ -79,6 +79,28 @@ def test_kernels_write_every_element(slope):
     assert rel(dh, sq_act_grad_reference(grad_out, proj, h, slope)) < 1e-5
 
 
+@pytest.mark.skipif(choose(torch.device("cpu")).backend != "triton", reason="Triton interpreter not active")
+@pytest.mark.parametrize("index", range(5))
+def test_every_gpu_autotune_config_on_the_interpreter(index):
+    """Each tile the GPU's autotuner may pick (the tests above use the interpreter's small tile), forward and
+    backward, on shapes spanning two M and N tiles with ragged edges and three K steps."""
+    from tgolf.kernels.mlp import _GPU_CONFIGS, gemm_sq_act, gemm_sq_act_grad
+
+    assert len(_GPU_CONFIGS) == 5, "parametrize over every config"
+    meta = _GPU_CONFIGS[index].kwargs
+    m, dim, hidden = meta["BLOCK_M"] + 3, 2 * meta["BLOCK_K"] + 5, meta["BLOCK_N"] + 7
+    x, fc, proj = torch.randn(m, dim), torch.randn(hidden, dim), torch.randn(dim, hidden)
+    a = torch.full((m, hidden), float("nan"))
+    h = torch.full((m, hidden), float("nan"))
+    gemm_sq_act(x, fc, 0.5, a=a, h=h, config=meta)
+    h_ref = x @ fc.t()
+    assert rel(h, h_ref) < 1e-5
+    assert rel(a, torch.nn.functional.leaky_relu(h_ref, 0.5).square()) < 1e-5
+    grad_out = torch.randn(m, dim)
+    dh = gemm_sq_act_grad(grad_out, proj, h, 0.5, out=torch.full((m, hidden), float("nan")), config=meta)
+    assert rel(dh, sq_act_grad_reference(grad_out, proj, h, 0.5)) < 1e-5
+
+
 def test_gradient_matches_autograd_of_activation():
     """sq_act_grad_reference is the derivative autograd gives for the reference activation."""
     h = torch.randn(20, 30, requires_grad=True)

@@ -201,6 +201,31 @@ def test_fp8linear_module_matches_reference():
     assert layer.state_dict().keys() == torch.nn.Linear(40, 24).state_dict().keys()
 
 
+@pytest.mark.skipif(ops.qat_choice(torch.device("cpu")).backend != "triton", reason="Triton interpreter not active")
+@pytest.mark.parametrize("group_size", [None, 40])
+def test_gpu_tiles_on_the_interpreter(poisoned, group_size):
+    """The GEMMs with the tiles a GPU launch uses (never run by the tests above, which use the interpreter's small
+    tiles): two M and N tiles with ragged edges, several K steps, a scale group boundary inside a K tile."""
+    from tgolf.kernels import quant as kq
+
+    qat, fp8 = kq.gemm_blocks(fp8=False, interpret=False), kq.gemm_blocks(fp8=True, interpret=False)
+    m, n = qat["BLOCK_M"] + 3, qat["BLOCK_N"] + 5
+    k = 2 * max(qat["BLOCK_K"], fp8["BLOCK_K"]) + 7
+    x, w, bias = torch.randn(m, k), awkward_weight(n, k), torch.randn(n)
+    codes, scales = ref.quantize_weight(w, 6, group_size)
+    dense = ref.dequantize_weight(codes, scales, group_size)
+    g = 40 if group_size else k
+    assert rel_err(kq.qat_matmul(x, codes, scales, g, bias=bias, config=qat), x @ dense.T + bias) < 1e-6
+    grad = torch.randn(m, n)
+    got = kq.qat_matmul(grad, codes, scales, g, weight_rows_are_n=False, config=qat)
+    assert rel_err(got, grad @ dense) < 1e-6
+    xq, sx = ref.quantize_fp8(x, "e4m3", "row")
+    wq, sw = ref.quantize_fp8(w, "e4m3", "row")
+    got = kq.fp8_matmul(xq, sx, wq.T, sw, torch.float32, bias=bias, config=fp8)
+    expected = ref.dequantize_fp8(xq, sx) @ ref.dequantize_fp8(wq, sw).T + bias
+    assert rel_err(got, expected) < 1e-6
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Errors, compile, modules inside the GPT
 # ------------------------------------------------------------------------------------------------------------
