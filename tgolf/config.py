@@ -97,6 +97,8 @@ class Config:
 
     # --- export and evaluation --------------------------------------------------------------
     export_scheme: str = "int8"  # per-row quantization of the large float matrices
+    export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
+    gptq_tokens: int = 0  # >0: GPTQ codes for those matrices, calibrated on this many fresh training tokens
     compressor: str = "best"
     max_artifact_bytes: int = 16_000_000
     eval_stride: int = 0  # 0 = non-overlapping windows; >0 = sliding windows with this stride
@@ -117,6 +119,7 @@ class Config:
         choices = {
             "linear": LINEAR_KINDS, "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
+            "export_embed_scheme": ("", *EXPORT_SCHEMES),
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
             "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS,
         }
@@ -143,6 +146,11 @@ class Config:
                              f"train_seq_len={self.train_seq_len}")
         if self.max_wallclock_seconds < 0 or self.checkpoint_every < 0:
             raise ValueError("config fields max_wallclock_seconds and checkpoint_every must be >= 0")
+        if self.gptq_tokens < 0:
+            raise ValueError(f"config field gptq_tokens={self.gptq_tokens}: must be >= 0")
+        if self.gptq_tokens and self.linear not in ("bf16", "fp8"):
+            raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: linear="
+                             f"{self.linear} layers export the codes they trained with, there is nothing to calibrate")
         parse_step_range(self.profile_steps, "config field profile_steps")
         return self
 

@@ -14,7 +14,9 @@ What each state entry becomes (``quantize_model``):
   parameters, and the fp16 rounding is part of the quantized model that the roundtrip is compared with;
 * every other float matrix (attention and MLP matrices of a dense model, the tied embedding): per-row symmetric
   int<bits> with the shared quantizer ``tgolf.ops.quant.reference.quantize_weight`` and the baseline's clip at the
-  99.99984th percentile of |w| in each row (scheme ``"int<bits>"``).
+  99.99984th percentile of |w| in each row (scheme ``"int<bits>"``; ``schemes`` gives some their own bits, e.g.
+  the embedding). A matrix with an input second moment in ``hessians`` keeps those scales and takes its codes from
+  GPTQ (``tgolf.export.gptq``).
 
 Scales are float32 values exactly representable in fp16 (the quantizer rounds them through fp16; codes and scales
 taken from modules are checked), so the file stores them as fp16 without changing a single output.
@@ -158,19 +160,41 @@ def _module_weight(name: str, module: nn.Module) -> QuantTensor:
                        group_size=group_size)
 
 
-def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SMALL_NUMEL,
-                   small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE
-                   ) -> dict[str, QuantTensor]:
-    """Every state entry of ``model`` as a QuantTensor, in state_dict order (see the module docstring)."""
+def _int_bits(scheme: str, what: str) -> int:
     match = re.fullmatch(r"int([4-8])", scheme)
     if match is None:
-        raise ValueError(f"scheme={scheme!r}: expected int4..int8")
+        raise ValueError(f"{what}={scheme!r}: expected int4..int8")
+    return int(match.group(1))
+
+
+def embedding_names(model: nn.Module) -> list[str]:
+    """State names of the token embeddings (``nn.Embedding``) and of an untied output head ``lm_head``."""
+    model = unwrap_model(model)
+    names = [f"{prefix}.weight" for prefix, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    if isinstance(getattr(model, "lm_head", None), nn.Linear):
+        names.append("lm_head.weight")
+    return names
+
+
+def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SMALL_NUMEL,
+                   small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
+                   hessians: Mapping[str, torch.Tensor] | None = None,
+                   schemes: Mapping[str, str] | None = None) -> dict[str, QuantTensor]:
+    """Every state entry of ``model`` as a QuantTensor, in state_dict order (see the module docstring).
+
+    ``hessians``: ``{state name: H [K, K]}`` from ``tgolf.export.gptq.collect_hessians``; ``schemes``: ``{state
+    name: "int<bits>"}`` for float matrices stored with other bits than ``scheme`` (e.g. the embedding, to which
+    the score is the most sensitive; a tensor small enough to stay float ignores it). A hessian for a tensor that
+    is not an int matrix of this export, or a scheme for a name the model lacks, raises ValueError.
+    """
+    bits = _int_bits(scheme, "scheme")
+    tensor_bits = {name: _int_bits(value, f"schemes[{name!r}]") for name, value in (schemes or {}).items()}
     if small_dtype not in ("fp16", "fp32"):
         raise ValueError(f"small_dtype={small_dtype!r}: expected 'fp16' or 'fp32'")
-    bits = int(match.group(1))
     model = unwrap_model(model)
     quantized = {prefix: m for prefix, m in model.named_modules()
                  if hasattr(m, "ternary_weight") or hasattr(m, "quantized_weight")}
+    hessians = dict(hessians or {})
     out: dict[str, QuantTensor] = {}
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
@@ -191,8 +215,18 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
                 out[name] = _keep_float(name, tensor, small_dtype)
             else:
                 _check_finite(name, tensor)
-                codes, scales = quantize_rows(tensor.detach().float(), bits, clip_quantile)
-                out[name] = QuantTensor(scheme, tuple(tensor.shape), codes=codes, scales=scales)
+                own_bits = tensor_bits.pop(name, bits)
+                codes, scales = quantize_rows(tensor.detach().float(), own_bits, clip_quantile)
+                if name in hessians:
+                    from tgolf.export.gptq import gptq_quantize  # only runs that calibrate import (and count) it
+
+                    codes = gptq_quantize(tensor.detach().float(), hessians.pop(name), scales, own_bits).cpu()
+                out[name] = QuantTensor(f"int{own_bits}", tuple(tensor.shape), codes=codes, scales=scales)
+    if hessians:
+        raise ValueError(f"hessians given for tensors that are not int matrices of this export: {sorted(hessians)}")
+    unknown = sorted(set(tensor_bits) - set(out))
+    if unknown:
+        raise ValueError(f"schemes given for tensors the model does not have: {unknown}")
     return out
 
 

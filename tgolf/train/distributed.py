@@ -65,6 +65,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def average(tensors: list[torch.Tensor]) -> None:
+    """In place: each tensor becomes its mean over ranks (same order and shapes on every rank)."""
+    if not dist.is_initialized():
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+
+
 def broadcast_object(obj, src: int = 0):
     if not dist.is_initialized():
         return obj

@@ -45,12 +45,33 @@ def hardware_name(device: torch.device, world_size: int) -> str:
     return f"{world_size}x CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, env: DistEnv
+                  ) -> dict[str, torch.Tensor]:
+    """Input second moments of the model's dense linears on ``cfg.gptq_tokens`` fresh training tokens, averaged
+    over ranks. Measured on a copy with the reference MLP, whose linears run as modules (a fused MLP's do not)."""
+    from dataclasses import replace
+
+    from tgolf.export.gptq import collect_hessians
+    from tgolf.export.quantize import SMALL_NUMEL, unwrap_model
+
+    dense = build_model(replace(cfg, mlp="reference", linear="bf16")).to(env.device)
+    dense.load_state_dict(unwrap_model(model).state_dict())
+    micro_tokens = cfg.train_batch_tokens // accum  # over all ranks, as in a training micro-step
+    batches = (loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum, env.device)
+               for _ in range(-(-cfg.gptq_tokens // micro_tokens)))
+    hessians = collect_hessians(dense, batches, min_numel=SMALL_NUMEL)
+    names = sorted(hessians)
+    distributed.average([hessians[name] for name in names])
+    return {name: hessians[name] for name in names}
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.loader import TokenLoader, load_val_tokens
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.bpb import evaluate
     from tgolf.export import check_budget, load_artifact, write_artifact, write_submission
     from tgolf.export.compress import check_available
+    from tgolf.export.quantize import embedding_names
 
     check_available(cfg.compressor)  # fail now, not after training
 
@@ -96,11 +117,20 @@ def run(cfg: Config) -> dict[str, Any]:
         logger.log(f"pre-export val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} "
                    f"eval_time:{1000 * pre['eval_seconds']:.0f}ms")
 
+        hessians, gptq_seconds = None, 0.0
+        if cfg.gptq_tokens:
+            start = time.perf_counter()
+            hessians = gptq_hessians(cfg, model, loader, trainer.accum, env)
+            gptq_seconds = time.perf_counter() - start
+            logger.log(f"gptq: input second moments of {len(hessians)} matrices on {cfg.gptq_tokens:,} training "
+                       f"tokens in {1000 * gptq_seconds:.0f}ms")
         artifact_path = run_dir / "model.tgolf"
         info = None
         if env.is_main:
+            embed_scheme = cfg.export_embed_scheme or cfg.export_scheme
             info = write_artifact(artifact_path, model, cfg.to_dict(), scheme=cfg.export_scheme,
-                                  compressor=cfg.compressor, overwrite=True)
+                                  compressor=cfg.compressor, overwrite=True, hessians=hessians,
+                                  schemes={name: embed_scheme for name in embedding_names(model)})
             logger.log(f"artifact {artifact_path}: model {info.model_bytes:,} B ({info.compressor}) + code "
                        f"{info.code_bytes:,} B = {info.artifact_bytes:,} B (limit {cfg.max_artifact_bytes:,})")
         info = distributed.broadcast_object(info)
@@ -117,6 +147,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "quantization_gap_bpb": post["val_bpb"] - pre["val_bpb"],
             "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
             "compressor": info.compressor, "export_scheme": cfg.export_scheme, "artifact_path": str(artifact_path),
+            "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
             "train_seconds": result.train_seconds,
             "tokens_per_second": result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
