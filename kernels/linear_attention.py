@@ -86,7 +86,7 @@ def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, c
                            HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
     """h[coff[n] + c] = state entering chunk c of sequence n; ht[n] = state after the sequence."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     i_hkv = i_h // (H // HKV)
     bos, eos, c0, n_chunks, offs_k, offs_v, mask_kv, state_offs, state = _state_tile(
@@ -110,7 +110,7 @@ def chunk_out_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, cu_ptr, ctab_
                          BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, NK: tl.constexpr,
                          HAS_G: tl.constexpr, DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
     """o for one (Dv block, chunk, head): inter-chunk part from h plus the masked intra-chunk quadratic part."""
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, i_v, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, t0, eos = _chunk_ids(ctab_ptr, cu_ptr, i_c, BT)
     if i_n < 0:
         return
@@ -153,7 +153,7 @@ def chunk_state_bwd_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_pt
                            HAS_G: tl.constexpr, HAS_DHT: tl.constexpr,
                            DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
     """dh[coff[n] + c] = gradient w.r.t. the state leaving chunk c; dh0[n] = gradient w.r.t. the initial state."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, c0, n_chunks, offs_k, offs_v, mask_kv, state_offs, dstate = _state_tile(
         cu_ptr, coff_ptr, dht_ptr, i_n, i_h, i_k, i_v, H, DK, DV, BT, BK, BV, HAS_DHT)
@@ -270,7 +270,7 @@ def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_p
                          H, HKV, DK, DV,
                          BK: tl.constexpr, BV: tl.constexpr, HAS_G: tl.constexpr, HAS_H0: tl.constexpr):
     """Token by token (streaming): S ← exp(g_t) S + k_t v_tᵀ, o_t = scale · q_t S; one program per (Dv block, seq, head)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     i_hkv = i_h // (H // HKV)
     bos = tl.load(cu_ptr + i_n)
@@ -309,6 +309,8 @@ MAX_BLOCK_K_BACKWARD = 64
 # The state passes walk the chunks one after another; with fewer (sequence, head, Dk block) rows than this they
 # also split Dv finer (32), to keep more SMs busy (H100: 132). A fixed rule, no autotuning (GPU tuning pending).
 SEQUENTIAL_ROWS_FOR_WIDE_TILES = 256
+# Grids put what grows with the data (chunks; sequences × heads) on x: CUDA allows 2³¹−1 blocks along x but only
+# 65,535 along y and z (e.g. 65,536 chunks of 64 = 4.2M tokens in one call).
 
 
 def _blocks(dk: int, dv: int, sequential_rows: int | None = None, max_block_k: int | None = None
@@ -351,7 +353,7 @@ def chunk_states(k, v, g, h0, cu, coff, num_chunks: int, num_heads: int, chunk: 
     dot_dtype, prec = _dot_config(k.dtype, interpret)
     h = _empty(k, num_chunks, num_heads, dk, dv, dtype=torch.float32)  # unused slots are never read
     ht = _empty(k, n, num_heads, dk, dv, dtype=torch.float32)
-    chunk_state_fwd_kernel[(nk, nv, n * num_heads)](
+    chunk_state_fwd_kernel[(n * num_heads, nk, nv)](
         k, v, g if g is not None else _dummy(k), h0 if h0 is not None else _dummy(k), h, ht, cu, coff,
         num_heads, hkv, dk, dv, BT=chunk, BK=bk, BV=bv, HAS_G=g is not None, HAS_H0=h0 is not None,
         DOT_DTYPE=dot_dtype, PREC=prec)
@@ -363,7 +365,7 @@ def chunk_output(q, k, v, g, h, cu, ctab, scale: float, chunk: int, interpret: b
     bk, bv, nk, nv = _blocks(dk, dv)
     dot_dtype, prec = _dot_config(q.dtype, interpret)
     o = _empty(q, q.shape[0], heads, dv, dtype=v.dtype)
-    chunk_out_fwd_kernel[(nv, ctab.shape[0], heads)](
+    chunk_out_fwd_kernel[(ctab.shape[0], nv, heads)](
         q, k, v, g if g is not None else _dummy(q), h, o, cu, ctab, scale, heads, hkv, dk, dv,
         BT=chunk, BK=bk, BV=bv, NK=nk, HAS_G=g is not None, DOT_DTYPE=dot_dtype, PREC=prec)
     return o
@@ -377,7 +379,7 @@ def chunk_state_grads(q, do, g, dht, cu, coff, num_chunks: int, scale: float, dk
     dot_dtype, prec = _dot_config(q.dtype, interpret)
     dh = _empty(q, num_chunks, heads, dk, dv, dtype=torch.float32)
     dh0 = _empty(q, n, heads, dk, dv, dtype=torch.float32)
-    chunk_state_bwd_kernel[(nk, nv, n * heads)](
+    chunk_state_bwd_kernel[(n * heads, nk, nv)](
         q, do, g if g is not None else _dummy(q), dht if dht is not None else _dummy(q), dh, dh0, cu, coff, scale,
         heads, dk, dv, BT=chunk, BK=bk, BV=bv, HAS_G=g is not None, HAS_DHT=dht is not None,
         DOT_DTYPE=dot_dtype, PREC=prec)
@@ -409,7 +411,7 @@ def recurrent_forward(q, k, v, g, h0, cu, scale: float):
     bv = min(max(triton.next_power_of_2(dv), 16), MAX_BLOCK_V)
     o = _empty(q, q.shape[0], heads, dv, dtype=v.dtype)
     ht = _empty(q, n, heads, dk, dv, dtype=torch.float32)
-    recurrent_fwd_kernel[(triton.cdiv(dv, bv), n * heads)](
+    recurrent_fwd_kernel[(n * heads, triton.cdiv(dv, bv))](
         q, k, v, g if g is not None else _dummy(q), h0 if h0 is not None else _dummy(q), o, ht, cu, scale,
         heads, hkv, dk, dv, BK=bk, BV=bv, HAS_G=g is not None, HAS_H0=h0 is not None)
     return o, ht

@@ -137,6 +137,30 @@ def test_several_dk_dv_blocks(monkeypatch):
     assert rel(o1, linear_attention_quadratic(q, k, v)[0]) < 1e-5
 
 
+@needs_triton
+def test_only_the_grids_x_grows_with_the_data(monkeypatch):
+    """CUDA allows 2³¹−1 blocks along a grid's x but 65,535 along y and z, so only x may grow with the chunks or
+    the sequences × heads (else a long evaluation batch fails to launch on the GPU; the interpreter has no limit)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    grids: dict[str, list[tuple]] = {}
+    run = InterpretedFunction.run
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        grids.setdefault(self.fn.__name__, []).append(tuple(grid))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording)
+    for batch, seq_len in ((1, 20), (3, 70)):
+        q, k, v = (torch.randn(batch, seq_len, heads, D, requires_grad=True) for heads in (H, HKV, HKV))
+        linear_attention(q, k, v, decay=make_decay("token", batch, seq_len), chunk_size=CHUNK).sum().backward()
+        linear_attention(q.detach(), k.detach(), v.detach(), mode="recurrent")
+    assert len(grids) == 5, sorted(grids)
+    for name, launched in grids.items():
+        assert len({grid[0] for grid in launched}) > 1, f"{name}: x did not grow: {launched}"
+        assert len({grid[1:] for grid in launched}) == 1, f"{name}: y or z grows with the data: {launched}"
+
+
 def test_references_agree():
     q, k, v = torch.randn(B, 19, H, 8), torch.randn(B, 19, HKV, 8), torch.randn(B, 19, HKV, 8)
     g, h0 = make_decay("token", seq_len=19), torch.randn(B, H, 8, 8)
