@@ -17,7 +17,7 @@ from tgolf.model import build_model, count_parameters
 from tgolf.train import distributed
 from tgolf.train.distributed import DistEnv
 from tgolf.train.logging import RunLogger
-from tgolf.train.loop import Trainer
+from tgolf.train.loop import Trainer, autocast_context
 
 
 def resolve_data(cfg: Config, env: DistEnv, logger: RunLogger) -> tuple[str, str]:
@@ -59,7 +59,8 @@ def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, 
     micro_tokens = cfg.train_batch_tokens // accum  # over all ranks, as in a training micro-step
     batches = (loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum, env.device)
                for _ in range(-(-cfg.gptq_tokens // micro_tokens)))
-    hessians = collect_hessians(dense, batches, min_numel=SMALL_NUMEL)
+    with autocast_context(env.device):  # the activations the trained model sees: bf16 on GPUs, as in training
+        hessians = collect_hessians(dense, batches, min_numel=SMALL_NUMEL)
     names = sorted(hessians)
     distributed.average([hessians[name] for name in names])
     return {name: hessians[name] for name in names}
