@@ -92,6 +92,19 @@ def test_collect_hessians_measures_the_mean_input_second_moment():
     assert model.training  # mode restored
 
 
+def test_collect_hessians_adds_matrices_used_without_a_module_call():
+    model = TwoLinears()
+    model.register_parameter("table", nn.Parameter(torch.randn(30, 12)))
+    batches = [(torch.randn(2, 4, 12), torch.zeros(1))]
+    hessians = collect_hessians(model, batches, inputs_of={"table": lambda m, x: torch.tanh(x)})
+    t = torch.tanh(batches[0][0]).reshape(-1, 12)
+    assert torch.allclose(hessians["table"], t.T @ t / t.shape[0], rtol=1e-5, atol=1e-6)
+    assert "table" not in collect_hessians(model, batches, min_numel=360, inputs_of={"table": lambda m, x: x})
+    for bad in ("nothing", "up.weight"):  # unknown, or measured by its hook already
+        with pytest.raises(ValueError, match="inputs_of"):
+            collect_hessians(model, batches, inputs_of={bad: lambda m, x: x})
+
+
 def test_quantize_model_takes_gptq_codes_with_rtn_scales():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(160, 96, bias=False))
@@ -129,9 +142,10 @@ def test_run_with_gptq_calibrates_the_dense_matrices(tmp_path, tiny_shards, monk
                        "--model-dim", "128", "--num-heads", "4", "--num-kv-heads", "2", "--mlp-mult", "5", "--mlp", "fused",
                        "--export-scheme", "int5", "--export-embed-scheme", "int8", "--gptq-tokens", "1024")) == 0
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
-    assert summary["gptq_tensors"] == 4  # the MLPs' fc and proj (640 x 128), the only matrices over 65,536 elements
+    # the MLPs' fc and proj (640 x 128), the only linears over 65,536 elements, and the tied embedding (1024 x 128)
+    assert summary["gptq_tensors"] == 5
     tensors, _, meta = read_artifact(tmp_path / "g" / "model.tgolf")
-    assert meta["gptq_tensors"] == 4
+    assert meta["gptq_tensors"] == 5
     assert tensors["tok_emb.weight"].scheme == "int8" and tensors["blocks.0.mlp.fc.weight"].scheme == "int5"
     assert summary["roundtrip_val_bpb"] - summary["val_bpb"] < 0.05
 

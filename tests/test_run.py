@@ -59,14 +59,15 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tgolf.train",
            *_flags(tiny_shards, tmp_path, "--run-id", "ddp", "--grad-accum-steps", "1",
-                   # GPTQ's second moments are averaged over the ranks: 2 layers' MLP matrices (640 x 128)
+                   # GPTQ's second moments are averaged over the ranks: 2 layers' MLP matrices (640 x 128) and
+                   # the tied embedding
                    "--model-dim", "128", "--num-heads", "4", "--num-kv-heads", "2", "--mlp-mult", "5",
                    "--gptq-tokens", "512")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all 2 ranks agree on the trained parameters" in proc.stdout
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["gptq_tensors"] == 4
+    assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["gptq_tensors"] == 5
 
 
 @pytest.mark.parametrize("parts", [

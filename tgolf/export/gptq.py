@@ -7,12 +7,12 @@ layer's input second moment H = E[x xᵀ], so that the layer's *outputs* on real
 Only the codes change: the scales are round-to-nearest's (the same percentile clip), so the artifact and its
 reload are unchanged, and with uncorrelated inputs (diagonal H) the codes are exactly round-to-nearest's.
 
-``collect_hessians`` measures H for every bias-free ``nn.Linear`` of a dense model on calibration batches;
-``gptq_quantize`` quantizes one matrix with its H.
+``collect_hessians`` measures H for every bias-free ``nn.Linear`` of a dense model on calibration batches (and for
+a tied embedding, from the output head's input); ``gptq_quantize`` quantizes one matrix with its H.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -23,33 +23,42 @@ DAMPING = 0.01  # fraction of mean(diag H) added to the diagonal: keeps the Chol
 BLOCK = 128  # columns per lazy batch update (the paper's block size): same result, fewer large updates
 
 
-def collect_hessians(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                     min_numel: int = 0) -> dict[str, torch.Tensor]:
-    """``{"<module>.weight": H [K, K] float32}``: the mean of x xᵀ over every input row x of each plain
+def collect_hessians(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], min_numel: int = 0,
+                     inputs_of: Mapping[str, Callable[[nn.Module, torch.Tensor], torch.Tensor]] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """``{"<module>.weight": H [K, K]}`` (float32): the mean of x xᵀ over every input row x of each plain
     ``nn.Linear`` whose weight has more than ``min_numel`` elements, over ``model(x, y)`` on ``batches``.
 
-    The model must call its linears as modules (a dense model with the reference MLP does; a fused MLP reads
-    their weights directly and would record nothing). Run it on the device that holds the model.
+    ``inputs_of`` adds matrices used without a module call, by state name and a function ``(model, x) → their
+    inputs`` (a tied embedding read by the output head: the final hidden states). The model must call its linears
+    as modules (a dense model with the reference MLP does; a fused MLP reads their weights directly and would
+    record nothing). Run it on the device that holds the model.
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def recorder(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, module.in_features).float()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        sums[name] = sums.get(name, 0) + x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
-    handles = [module.register_forward_hook(recorder(f"{prefix}.weight"))
-               for prefix, module in model.named_modules()
-               if type(module) is nn.Linear and module.bias is None and module.weight.numel() > min_numel]
+    linears = {f"{prefix}.weight": module for prefix, module in model.named_modules()
+               if type(module) is nn.Linear and module.bias is None and module.weight.numel() > min_numel}
+    state = model.state_dict()
+    for name in inputs_of or {}:
+        if name not in state or name in linears:
+            raise ValueError(f"inputs_of[{name!r}]: not a state entry of the model, or a linear already measured")
+    extra = {name: fn for name, fn in (inputs_of or {}).items() if state[name].numel() > min_numel}
+    handles = [module.register_forward_hook(lambda module, args, out, name=name: add(name, args[0]))
+               for name, module in linears.items()]
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for x, y in batches:
                 model(x, y)
+                for name, inputs in extra.items():
+                    add(name, inputs(model, x))
     finally:
         for handle in handles:
             handle.remove()

@@ -47,8 +47,9 @@ def hardware_name(device: torch.device, world_size: int) -> str:
 
 def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, env: DistEnv
                   ) -> dict[str, torch.Tensor]:
-    """Input second moments of the model's dense linears on ``cfg.gptq_tokens`` fresh training tokens, averaged
-    over ranks. Measured on a copy with the reference MLP, whose linears run as modules (a fused MLP's do not)."""
+    """Input second moments of the model's dense linears (and of a tied embedding as the output head) on
+    ``cfg.gptq_tokens`` fresh training tokens, averaged over ranks. Measured on a copy with the reference MLP,
+    whose linears run as modules (a fused MLP's do not)."""
     from dataclasses import replace
 
     from tgolf.export.gptq import collect_hessians
@@ -59,8 +60,10 @@ def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, 
     micro_tokens = cfg.train_batch_tokens // accum  # over all ranks, as in a training micro-step
     batches = (loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum, env.device)
                for _ in range(-(-cfg.gptq_tokens // micro_tokens)))
+    # A tied embedding is also the output head: GPTQ it for that use (its input: the final hidden states).
+    head = {"tok_emb.weight": lambda m, x: m.hidden_states(x)} if cfg.tie_embeddings else {}
     with autocast_context(env.device):  # the activations the trained model sees: bf16 on GPUs, as in training
-        hessians = collect_hessians(dense, batches, min_numel=SMALL_NUMEL)
+        hessians = collect_hessians(dense, batches, min_numel=SMALL_NUMEL, inputs_of=head)
     names = sorted(hessians)
     distributed.average([hessians[name] for name in names])
     return {name: hessians[name] for name in names}
