@@ -98,7 +98,7 @@ class Config:
     # --- export and evaluation --------------------------------------------------------------
     export_scheme: str = "int8"  # per-row quantization of the large float matrices
     export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
-    gptq_tokens: int = 0  # >0: GPTQ codes for those matrices, calibrated on this many fresh training tokens
+    gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
     compressor: str = "best"
     max_artifact_bytes: int = 16_000_000
     eval_stride: int = 0  # 0 = non-overlapping windows; >0 = sliding windows with this stride
@@ -149,8 +149,9 @@ class Config:
         if self.gptq_tokens < 0:
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens}: must be >= 0")
         if self.gptq_tokens and self.linear not in ("bf16", "fp8"):
-            raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: linear="
-                             f"{self.linear} layers export the codes they trained with, there is nothing to calibrate")
+            raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: GPTQ calibrates "
+                             f"on a dense copy of the model, and linear={self.linear} layers export the codes they "
+                             f"trained with")
         parse_step_range(self.profile_steps, "config field profile_steps")
         return self
 
