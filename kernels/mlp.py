@@ -77,13 +77,14 @@ def _launch(a: torch.Tensor, b: torch.Tensor, h: torch.Tensor, out: torch.Tensor
     (m, k), n = a.shape, b.shape[1]
     args = (a, b, h, out, m, n, k, *a.stride(), *b.stride(), *h.stride(), *out.stride(), float(slope))
     interpret = triton_interpret()
+
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
     meta = config or (_INTERPRET_META if interpret else None)
     if meta is None:  # the GPU: autotuned over _GPU_CONFIGS
-        def grid(meta):
-            return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _gemm_sq_act_tuned[grid](*args, BACKWARD=backward, UPCAST=False)
     else:
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _gemm_sq_act_kernel[grid](*args, BACKWARD=backward, UPCAST=interpret and a.dtype != torch.float32, **meta)
 
 

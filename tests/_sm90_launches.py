@@ -8,12 +8,12 @@ checks the JSON this prints. The CPU interpreter runs the kernels but skips the 
 How: ``JITFunction.run`` and ``Autotuner.run`` are replaced by recorders, the launch helpers of every family are
 called with CPU tensors of contest-like shapes (their GPU branch: nothing runs), and each recorded launch is
 specialised by Triton's own launch-time binder (ints equal to 1 become constexprs, ints and pointers divisible by 16
-get tt.divisibility) and compiled to PTX once per distinct (kernel, signature, constexprs, attributes, options).
-Every @triton.jit function in the kernels package must be launched or called from a launched kernel.
+get tt.divisibility) and compiled (PTX and cubin) once per distinct (kernel, signature, constexprs, attributes,
+options), into a fresh Triton cache so that ptxas reports each launch's registers and spills; shared memory comes
+from Triton's metadata. Every @triton.jit function in the kernels package must be launched or called from a launched kernel.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from types import FunctionType
 from typing import Any
@@ -202,7 +202,7 @@ def compile_all(launches: list[Launch]) -> list[dict]:
         start = time.perf_counter()
         try:
             source = ASTSource(jit, signature, constexprs, attrs)
-            with contextlib.redirect_stdout(io.StringIO()) as ptxas_log:
+            with redirect_stdout(io.StringIO()) as ptxas_log:
                 compiled = triton.compile(source, target=TARGET, options=options)
             ptx = compiled.asm["ptx"]
             result.update(wgmma="wgmma" in ptx, cp_async="cp.async" in ptx, f64_div="div.rn.f64" in ptx,

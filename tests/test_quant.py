@@ -214,7 +214,7 @@ def test_gpu_tiles_on_the_interpreter(poisoned, group_size):
     x, w, bias = torch.randn(m, k), awkward_weight(n, k), torch.randn(n)
     codes, scales = ref.quantize_weight(w, 6, group_size)
     dense = ref.dequantize_weight(codes, scales, group_size)
-    g = 40 if group_size else k
+    g = group_size or k
     assert rel_err(kq.qat_matmul(x, codes, scales, g, bias=bias, config=qat), x @ dense.T + bias) < 1e-6
     grad = torch.randn(m, n)
     got = kq.qat_matmul(grad, codes, scales, g, weight_rows_are_n=False, config=qat)
