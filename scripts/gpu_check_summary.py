@@ -76,6 +76,7 @@ def summary(folder: Path, total_s: str) -> str:
         "info": _tail(folder / "info.txt", r"CUDA extension"),
         "pytest-gpu": _tail(folder / "pytest.log", r"passed|failed|error|skipped|deselected|no tests ran"),
         "bench": bench_counts,
+        "bench-more": bench_counts,
         "profile": _profile(folder),
         "memcheck": _tail(folder / "memcheck.log", r"ERROR SUMMARY|Error|error"),
         "train": _train(folder),

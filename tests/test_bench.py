@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tgolf.bench import core
 from tgolf.bench.__main__ import main as bench_main
 from tgolf.bench.core import BenchCase, Impl, RunOptions, rel_err, run_case
 from tgolf.bench.registry import FAMILIES, collect
@@ -126,6 +127,59 @@ def test_rel_err_and_summary():
     assert rel_err(ref[:2], ref) == math.inf
     stats = summarize([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (stats.median_ms, stats.q25_ms, stats.q75_ms, stats.reps) == (3.0, 2.0, 4.0, 5)
+
+
+def test_resume_keeps_finished_cases_and_measures_those_the_budget_cut(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TGOLF_BACKEND", "reference")
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert bench_main(["--device", "cpu", "--shapes", "quick", "--ops", "ternary", "--no-plots",
+                       "--out", str(first)]) == 0
+    data = json.loads((first / "bench.json").read_text())
+    sizes = list(dict.fromkeys((r["op"], r["size"]) for r in data["rows"]))
+    assert len(sizes) >= 3
+    cut_whole, cut_anchor = sizes[0], sizes[1]
+    for row in data["rows"]:
+        key = (row["op"], row["size"])
+        row["marker"] = True  # what a kept row still carries
+        if key == cut_whole:
+            row.update(status="skipped: time budget", time=None, anchors={})
+        if key == cut_anchor:
+            row["anchors"] = {"eager": {"status": "skipped: time budget"}}
+    (first / "bench.json").write_text(json.dumps(data))
+
+    assert bench_main(["--device", "cpu", "--shapes", "quick", "--ops", "ternary", "--no-plots",
+                       "--resume", str(first), "--out", str(second)]) == 0
+    resumed = json.loads((second / "bench.json").read_text())
+    assert resumed["meta"]["resumed_from"] == str(first)
+    assert list(dict.fromkeys((r["op"], r["size"]) for r in resumed["rows"])) == sizes  # same cases, same order
+    for row in resumed["rows"]:
+        remeasured = (row["op"], row["size"]) in (cut_whole, cut_anchor)
+        assert row.get("marker", False) is not remeasured, row
+        assert row["status"] != "skipped: time budget"
+    assert "(kept)" in capsys.readouterr().err
+
+    # A resumed run stopped midway still leaves every kept row on disk.
+    def stop(*_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(core, "run_case", stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench_main(["--device", "cpu", "--shapes", "quick", "--ops", "ternary", "--no-plots",
+                    "--resume", str(first), "--out", str(tmp_path / "stopped")])
+    stopped = json.loads((tmp_path / "stopped" / "bench.json").read_text())
+    assert {(r["op"], r["size"]) for r in stopped["rows"]} == set(sizes) - {cut_whole, cut_anchor}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resume", "{tmp}/missing"], "no such benchmark results"),
+    (["--resume", "{tmp}/bad.json"], "not a tgolf bench.json"),
+    (["--resume", "{tmp}/sweep.json"], "measured --shapes sweep on cuda, not --shapes quick on cpu"),
+])
+def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, argv, message):
+    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "sweep.json").write_text(json.dumps({"meta": {"shapes": "sweep", "device": "cuda"}, "rows": []}))
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert bench_main(["--device", "cpu", "--shapes", "quick", "--out", str(tmp_path / "o"), *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_unknown_op_is_refused():

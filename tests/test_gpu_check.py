@@ -38,15 +38,17 @@ def _steps(folder: Path) -> dict[str, str]:
 
 def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_shards):
     proc, folder, out = _run(tmp_path, tiny_shards, GPU_CHECK_SKIP="install wheels", GPU_CHECK_TRAIN_SECONDS="20",
-                             GPU_CHECK_BENCH_SECONDS="60")
+                             GPU_CHECK_BENCH_SECONDS="60", GPU_CHECK_UNTIL="590")
     steps = _steps(folder)
     assert proc.returncode == 0, (steps, proc.stdout[-3000:], proc.stderr[-3000:])
     assert steps["install"] == "skipped (GPU_CHECK_SKIP)" and steps["memcheck"] == "skipped (no GPU)"
-    for name in ("info", "pytest-gpu", "bench", "profile", "train"):
+    for name in ("info", "pytest-gpu", "bench", "profile", "train", "bench-more"):
         assert steps[name] == "ok", (name, (folder / f"{name}.log").exists() and proc.stdout[-3000:])
 
     summary = (out / "summary.md").read_text()
     assert summary == (folder / "summary.md").read_text() and summary in proc.stdout
+    assert "(check) + " in summary and "(bench-more)" in summary  # the check's own time, apart
+    assert json.loads((folder / "bench" / "bench.json").read_text())["meta"]["resumed_from"].endswith("bench")
     assert "## Benchmarks: quick shapes on cpu" in summary and "| train | ok |" in summary and "val_bpb" in summary
     for name in ("bench.md", "profile.md", "env.json", "check.log"):
         assert (out / name).stat().st_size > 0, name

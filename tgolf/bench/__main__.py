@@ -12,7 +12,7 @@ import torch
 from tgolf.bench.core import RunOptions, run_cases
 from tgolf.bench.plots import write_plots
 from tgolf.bench.registry import FAMILIES, SHAPE_SETS, collect
-from tgolf.bench.report import markdown, write_json
+from tgolf.bench.report import finished_cases, markdown, read_json, write_json
 from tgolf.profile.env import collect_env
 
 
@@ -29,10 +29,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench_out", help="output folder")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="seconds; cases starting after it are reported as skipped (0 = no limit)")
+    parser.add_argument("--resume", default="", metavar="PATH",
+                        help="an earlier bench.json (or its folder) of the same shapes and device: keep its cases "
+                             "that the time budget did not cut and measure only the rest")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile anchors")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     return parser
+
+
+def _resumed(path: Path, shapes: str, device: torch.device) -> dict[tuple[str, str], list[dict]]:
+    """The finished cases of an earlier run, which must have measured the same shape set on the same device."""
+    meta, rows = read_json(path)
+    if (meta.get("shapes"), meta.get("device")) != (shapes, device.type):
+        raise ValueError(f"{path}: measured --shapes {meta.get('shapes')} on {meta.get('device')}, "
+                         f"not --shapes {shapes} on {device.type}")
+    return finished_cases(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"tgolf.bench: {err}", file=sys.stderr)
         return 2
+    try:
+        done = _resumed(Path(args.resume), args.shapes, device) if args.resume else {}
+    except ValueError as err:
+        print(f"tgolf.bench: --resume {err}", file=sys.stderr)
+        return 2
     quick_cpu = device.type == "cpu" and args.shapes == "quick"
     start = time.monotonic()
     opts = RunOptions(device=device, quick=args.shapes == "quick", seed=args.seed,
@@ -56,16 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m tgolf.bench", *(sys.argv[1:] if argv is None else argv)])
     meta = {**collect_env(command), "shapes": args.shapes}
+    if done:
+        meta["resumed_from"] = args.resume  # rows of the cases it kept carry that run's figures
     meta["device"] = device.type  # the device benchmarked, not merely the one present
 
     def save(rows: list[dict]) -> str:
         meta["seconds"] = round(time.monotonic() - start, 1)
+        reached = {(r["op"], r.get("size", "")) for r in rows}  # a run stopped midway keeps the rest it resumed
+        rows = rows + [r for key, kept in done.items() if key not in reached for r in kept]
         write_json(out / "bench.json", meta, failed + rows)
         table = markdown(meta, failed + rows)
         (out / "bench.md").write_text(table)
         return table
 
-    rows = run_cases(cases, opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True), on_rows=save)
+    save([])  # from the start: the failed families and, when resuming, the kept rows
+    rows = run_cases(cases, opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True), on_rows=save,
+                     done=done)
     table = save(rows)
     if not args.no_plots:
         write_plots(failed + rows, out)

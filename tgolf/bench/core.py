@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -311,18 +311,22 @@ def _anchor_entry(name: str, impl: Impl, case: BenchCase, sets: list[tuple], mod
 
 
 def run_cases(cases: Sequence[BenchCase], opts: RunOptions, progress: Callable[[str], None] | None = None,
-              on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+              on_rows: Callable[[list[dict]], None] | None = None,
+              done: Mapping[tuple[str, str], list[dict]] | None = None) -> list[dict]:
     """Rows of every case, grouped by op in first-seen order (the cases may come interleaved across ops).
 
-    ``on_rows`` receives the rows so far after every case, so that a run killed by a timeout leaves results."""
+    ``on_rows`` receives the rows so far after every case, so that a run killed by a timeout leaves results.
+    ``done`` maps (op, size) to rows measured earlier (a resumed run): those cases keep them and are not run."""
     per_op: dict[str, list[dict]] = {}
+    done = done or {}
 
     def ordered() -> list[dict]:
         return [row for rows in per_op.values() for row in rows]
     for i, case in enumerate(cases):
+        earlier = done.get((case.op, case.size_label))
         if progress:
-            progress(f"[{i + 1}/{len(cases)}] {case.op} {case.size_label}")
-        per_op.setdefault(case.op, []).extend(run_case(case, opts))
+            progress(f"[{i + 1}/{len(cases)}] {case.op} {case.size_label}" + (" (kept)" if earlier else ""))
+        per_op.setdefault(case.op, []).extend(earlier or run_case(case, opts))
         if on_rows:
             on_rows(ordered())
     return ordered()

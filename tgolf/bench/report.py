@@ -24,6 +24,32 @@ def write_json(path: Path, meta: dict, rows: list[dict]) -> None:
     path.write_text(json.dumps(clean({"meta": meta, "limits": limits_block(), "rows": rows}), indent=1) + "\n")
 
 
+def read_json(path: Path) -> tuple[dict, list[dict]]:
+    """(meta, rows) of a bench.json written by :func:`write_json`; ``path`` may be the file or its folder."""
+    path = path / "bench.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+        return data["meta"], list(data["rows"])
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such benchmark results (expected a bench.json or its folder)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a tgolf bench.json ({type(exc).__name__}: {exc})") from None
+
+
+def _cut_by_budget(row: dict) -> bool:
+    return row["status"] == "skipped: time budget" or any(
+        entry.get("status") == "skipped: time budget" for entry in row.get("anchors", {}).values())
+
+
+def finished_cases(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows by case (op, size) for the cases that a time budget did not cut, in full or in an anchor: those a
+    resumed run keeps instead of measuring again."""
+    by_case: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        by_case.setdefault((row["op"], row.get("size", "")), []).append(row)
+    return {key: case_rows for key, case_rows in by_case.items() if not any(map(_cut_by_budget, case_rows))}
+
+
 def _num(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 

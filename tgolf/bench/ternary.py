@@ -37,7 +37,9 @@ _SWEEP_KN = [(512, 512), (512, 1024), (512, 1536), (1536, 512), (1024, 512), (76
 # Training op: (M, K, N, group_size, act_bits).
 _LINEAR = {
     "quick": [(48, 96, 80, 32, None), (48, 96, 80, 32, 8), (48, 96, 80, ROW, 8)],
-    "contest": [(TOKENS, k, n, g, a) for k, n in _CONTEST_KN for g, a in ((ROW, None), (ROW, 8), (GROUP, None))],
+    # Row scales at every shape first (the issue targets), then int8 activations, then groups: a time budget
+    # cuts the variants, not the shapes.
+    "contest": [(TOKENS, k, n, g, a) for g, a in ((ROW, None), (ROW, 8), (GROUP, None)) for k, n in _CONTEST_KN],
     "sweep": [(TOKENS, k, n, g, a) for k, n in _SWEEP_KN for g in (ROW, GROUP) for a in (None, 8)],
 }
 # int8 inference (activation quantization fused), one scale per row: (M, K, N).
