@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -145,11 +147,28 @@ def test_packed_mm_unaligned_inputs():
     assert _rel(out, ternary_packed_mm_reference(x, packed, scales, 0)) < 4e-3
 
 
+_BAD_GROUP_SIZE_CALL = """
+import torch, tgolf
+from tgolf import _extension
+from tgolf.ops.ternary.packing import pack2
+_extension.load()
+x = torch.randn(2, 200, device="cuda").to(torch.bfloat16)
+codes = torch.randint(-1, 2, (8, 200), dtype=torch.int8, device="cuda")
+try:
+    torch.ops.tgolf.ternary_packed_mm_cuda(x, pack2(codes), torch.ones(8, 2, device="cuda"), 100)
+    print("no error")
+except RuntimeError as err:
+    print("raised:", str(err).splitlines()[0])
+"""
+
+
 @pytest.mark.gpu
 def test_packed_mm_bad_group_size():
-    x = torch.randn(2, 200, device="cuda").to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="group_size"):
-        torch.ops.tgolf.ternary_packed_mm_cuda(x, pack2(_ternary(8, 200)), torch.ones(8, 2, device="cuda"), 100)
+    # In a child process: on the first H100 run (2026-11-27, torch 2.11, extension built there) this call crashed
+    # the pytest worker with a segmentation fault instead of raising; a crash must fail this test, not the run.
+    proc = subprocess.run([sys.executable, "-c", _BAD_GROUP_SIZE_CALL], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"crashed (exit status {proc.returncode}): {proc.stderr[-1500:]}"
+    assert proc.stdout.startswith("raised:") and "group_size" in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu

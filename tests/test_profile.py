@@ -7,6 +7,7 @@ import pytest
 
 from tgolf.profile.__main__ import main as profile_main
 from tgolf.profile.categories import categorize
+from tgolf.profile.report import slow_outliers
 from tgolf.profile.trace import Event, analyze, load_events
 
 TINY = ["--preset", "smoke", "--num-layers", "2", "--model-dim", "64", "--num-heads", "2", "--num-kv-heads", "1",
@@ -100,6 +101,152 @@ def test_gpu_trace_accounting_with_ranges_streams_and_idle(tmp_path):
     assert us["optimizer"] == 10 and us["communication"] == 5 and us["elementwise"] == 10
     assert us["idle"] == 100 - 55
     assert sum(us.values()) == pytest.approx(100)
+
+
+H100_PROPS = {"id": 0, "name": "NVIDIA H100 80GB HBM3", "totalGlobalMem": 85017493504, "computeMajor": 9,
+              "computeMinor": 0, "numSms": 132}
+
+
+def _two_spans_per_step_trace(path, step_us=(500, 100, 100)):
+    """Like a torch.profiler GPU trace of ``--profile-steps 5:7``: each tgolf_step#N range twice (the host-side
+    user_annotation and a shorter gpu_user_annotation copy from first to last kernel), a profiler schedule's
+    ProfilerStep#K ranges numbered from its own start and covering the gaps, and a first step 5× slower (start-up).
+    Each step: a 50 µs GEMM from t+10, a 10 µs kernel launched inside the optimizer range at t+75."""
+    def span(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid, "pid": 1}
+
+    def launched(name, launch_ts, ts, dur, corr):
+        return [span("cuda_runtime", "cudaLaunchKernel", launch_ts, 1) | {"args": {"correlation": corr}},
+                span("kernel", name, ts, dur, tid=7) | {"args": {"correlation": corr}}]
+    events, t = [], 1000.0
+    for k, (number, dur) in enumerate(zip((5, 6, 7), step_us)):
+        events += [span("user_annotation", f"ProfilerStep#{k + 1}", t - 5, dur + 10),
+                   span("user_annotation", f"tgolf_step#{number}", t, dur),
+                   span("gpu_user_annotation", f"tgolf_step#{number}", t + 10, 75, tid=7),
+                   span("user_annotation", "optimizer", t + 70, 20),
+                   *launched("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", t + 1, t + 10, 50, 2 * k),
+                   *launched("triton_poi_fused_mul_0", t + 75, t + 75, 10, 2 * k + 1)]
+        t += dur + 10
+    trace = {"deviceProperties": [H100_PROPS], "cuda_driver_version": 13000, "cuda_runtime_version": 13000,
+             "baseTimeNanoseconds": 1790857026000000000, "traceEvents": events}
+    path.write_text(json.dumps(trace))
+    return [d / 1e3 for d in step_us]
+
+
+def _write_run_json(folder, step_ms, env=None):
+    meta = {"device": "cuda", "flops_per_step": 1e9, "params": 1000, "tokens_per_step": 64, "grad_accum_steps": 1,
+            "step_ms_host": step_ms}
+    (folder / "run.json").write_text(json.dumps({"meta": meta, **({"env": env} if env else {})}))
+
+
+def test_gpu_trace_counts_each_step_once_and_leaves_start_up_out(tmp_path):
+    """The bugs of the first H100 trace: steps 5, 5, 6, 6, 7, 7 (host and GPU copies of one range), a first step
+    inflated by start-up that made idle 60% and MFU half of what it was, and a header naming this machine."""
+    import torch
+
+    step_ms = _two_spans_per_step_trace(tmp_path / "trace.json")
+    _write_run_json(tmp_path, step_ms)
+    out = tmp_path / "report"
+    assert profile_main(["--from-trace", str(tmp_path / "trace.json"), "--out", str(out), "--no-charts"]) == 0
+    report = json.loads((out / "profile.json").read_text())
+    assert [s["step"] for s in report["steps"]] == [5, 6, 7]  # the host-side span: the host clock's step
+    assert [s["ms"] for s in report["steps"]] == pytest.approx(step_ms)
+    assert report["excluded_steps"] == [5] and [s["excluded"] for s in report["steps"]] == [True, False, False]
+    _assert_adds_up(report)
+    assert report["mean_step_ms"] == pytest.approx(0.1) and report["kept_steps"] == 2
+    per_step = report["mean_ms_per_category"]
+    assert per_step["gemm"] == pytest.approx(0.05) and per_step["optimizer"] == pytest.approx(0.01)
+    assert per_step["idle"] == pytest.approx(0.04)  # not the start-up step's 0.44
+    assert report["mfu_pct"] == pytest.approx(100 * 1e9 / 1e-4 / 989e12)
+    assert report["top"][0]["ms_per_step"] == pytest.approx(0.05)  # per kept step, not summed over all spans
+    md = (out / "profile.md").read_text()
+    title, _, run_line = md.splitlines()[:3]
+    assert title == "# tgolf profile — NVIDIA H100 80GB HBM3"
+    assert run_line.startswith("2026-10-01T12:17:06Z ·") and "driver CUDA driver API 13.0" in run_line
+    assert torch.__version__ not in run_line and "report built" in md and "| 5 (start-up, left out) |" in md
+    assert report["run_env"]["source"] == "trace" and report["run_env"]["sm_count"] == 132
+
+
+def test_header_comes_from_the_runs_own_env(tmp_path):
+    step_ms = _two_spans_per_step_trace(tmp_path / "trace.json", step_us=(100, 110, 105))
+    env = {"date_utc": "2026-11-27T17:22:24Z", "torch": "2.11.0+cu130", "triton": "3.6.0", "git_commit": "05cf2a0",
+           "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "driver": "580.159.04",
+           "command": "python -m tgolf.train --profile-steps 5:7"}
+    _write_run_json(tmp_path, step_ms, env)
+    out = tmp_path / "report"
+    assert profile_main(["--from-trace", str(tmp_path / "trace.json"), "--out", str(out), "--no-charts"]) == 0
+    lines = (out / "profile.md").read_text().splitlines()
+    assert lines[2] == ("2026-11-27T17:22:24Z · torch 2.11.0+cu130 · triton 3.6.0 · driver 580.159.04 · "
+                        "commit 05cf2a0")
+    assert lines[4] == "`python -m tgolf.train --profile-steps 5:7`" and lines[6].startswith("report built ")
+    report = json.loads((out / "profile.json").read_text())
+    assert report["excluded_steps"] == [] and report["mean_step_ms"] == pytest.approx(0.105)
+
+
+@pytest.mark.parametrize("ms, flagged", [
+    ([1959.4, 509.0, 403.8], [0]),  # the H100 trace: profiler start-up and a recompilation in the first step
+    ([2000.0, 400.0], [0]),         # two steps: compared with the other one
+    ([400.0, 410.0, 1000.0, 405.0], [2]),
+    ([400.0, 700.0, 500.0], []),
+    ([400.0], []),
+])
+def test_slow_outliers(ms, flagged):
+    assert slow_outliers(ms) == flagged
+
+
+def test_window_warms_the_profiler_up_on_the_step_before(tmp_path):
+    """--profile-steps A:B starts the profiler (and the ranges) on step A-1 and keeps nothing of it."""
+    import torch
+    from torch.profiler import record_function
+
+    from tgolf.nvtx import enable_ranges, ranges_enabled
+    from tgolf.profile.window import StepWindow
+
+    from torch._dynamo.utils import counters
+
+    from tgolf.nvtx import nvtx_range
+
+    def block(x):
+        with nvtx_range("mlp"):
+            return torch.relu(x).sum()
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+
+    enable_ranges(False)  # profile_training (earlier tests) leaves them on
+    window = StepWindow((2, 3), tmp_path, torch.device("cpu"), {"device": "cpu"})
+    enabled, compiles = [], []
+    for step in range(5):
+        before = counters["stats"]["unique_graphs"]
+        with window.around(step):
+            enabled.append(ranges_enabled())
+            with record_function(f"marker{step}"):
+                compiled(torch.randn(16, 16))
+        compiles.append(counters["stats"]["unique_graphs"] - before)
+    # switching the ranges on may recompile (the compiled code read the flag): in the warm-up step, not in 2..3
+    assert compiles[2:4] == [0, 0]
+    trace = window.finish(4)
+    names = {e.name for e in load_events(trace)}
+    assert enabled == [False, True, True, True, False] and not ranges_enabled()
+    assert {"tgolf_step#2", "tgolf_step#3", "marker2", "marker3"} <= names
+    assert not names & {"marker0", "marker1", "marker4", "tgolf_step#1"}
+    recorded = json.loads((tmp_path / "run.json").read_text())
+    assert recorded["meta"]["profiled_steps"] == [2, 3] and len(recorded["meta"]["step_ms_host"]) == 2
+    assert recorded["meta"]["profiler_warmup_steps"] == 1 and recorded["env"]["torch"] == torch.__version__
+    assert [s.step for s in analyze(load_events(trace)).steps] == [2, 3]
+
+
+def test_window_from_step_zero_records_at_once(tmp_path):
+    import torch
+
+    from tgolf.profile.window import StepWindow
+
+    window = StepWindow((0, 1), tmp_path, torch.device("cpu"), {"device": "cpu"})
+    for step in range(3):
+        with window.around(step):
+            torch.randn(16, 16).sum()
+    trace = window.finish(2)
+    recorded = json.loads((tmp_path / "run.json").read_text())
+    assert recorded["meta"]["profiled_steps"] == [0, 1] and recorded["meta"]["profiler_warmup_steps"] == 0
+    assert [s.step for s in analyze(load_events(trace)).steps] == [0, 1]
 
 
 def test_trace_without_steps_is_refused():

@@ -92,13 +92,17 @@ def _run(fn, x, w, b, grad):
     return y, x.grad, w.grad, b.grad
 
 
+# (act_bits, gemm): every training path
+PATHS = [(None, "dense"), (None, "codes"), (8, "codes")]
+
+
 @needs_triton
-@pytest.mark.parametrize("act_bits", [None, 8])
+@pytest.mark.parametrize("act_bits, gemm", PATHS)
 @pytest.mark.parametrize("group_size", GROUPS)
-def test_forward_and_gradients_fp32(group_size, act_bits):
+def test_forward_and_gradients_fp32(group_size, act_bits, gemm):
     x, w, b = torch.randn(2, 67, 70), torch.randn(75, 70), torch.randn(75)  # several blocks along M, N and K
     grad = torch.randn(2, 67, 75)
-    got = _run(lambda x, w, b: T.ternary_linear(x, w, b, group_size, act_bits), x, w, b, grad)
+    got = _run(lambda x, w, b: T.ternary_linear(x, w, b, group_size, act_bits, gemm), x, w, b, grad)
     ref = _run(lambda x, w, b: R.ternary_linear_reference(x, w, b, group_size, act_bits), x, w, b, grad)
     for g, r in zip(got, ref):
         assert g.dtype == r.dtype and g.shape == r.shape
@@ -106,11 +110,11 @@ def test_forward_and_gradients_fp32(group_size, act_bits):
 
 
 @needs_triton
-@pytest.mark.parametrize("act_bits", [None, 8])
-def test_autocast_bf16(act_bits):
+@pytest.mark.parametrize("act_bits, gemm", PATHS)
+def test_autocast_bf16(act_bits, gemm):
     x, w, b = torch.randn(37, 70), torch.randn(45, 70), torch.randn(45)
     grad = torch.randn(37, 45)
-    got = _run(_autocast(lambda x, w, b: T.ternary_linear(x, w, b, 16, act_bits)), x, w, b, grad)
+    got = _run(_autocast(lambda x, w, b: T.ternary_linear(x, w, b, 16, act_bits, gemm)), x, w, b, grad)
     ref = _run(_autocast(lambda x, w, b: R.ternary_linear_reference(x, w, b, 16, act_bits)), x, w, b, grad)
     assert got[0].dtype == torch.bfloat16 and got[2].dtype == torch.float32
     for g, r in zip(got, ref):
@@ -266,9 +270,10 @@ def test_compile_traces_ternary_linear():
     ref = _run(lambda x, w, b: T.ternary_linear(x, w, b, 16, 8), x, w, b, grad)
     for g, r in zip(got, ref):
         assert torch.equal(g, r)
-    module = TernaryLinear(40, 24, group_size=16)
-    y = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
-    assert torch.equal(y, module(x))
+    for gemm in T.TERNARY_GEMMS:
+        module = TernaryLinear(40, 24, group_size=16, gemm=gemm)
+        y = torch.compile(module, fullgraph=True, backend="aot_eager")(x)
+        assert torch.equal(y, module(x))
 
 
 def test_module_is_a_drop_in_linear():
@@ -309,6 +314,38 @@ def test_cache_refreshes_after_optimizer_step():
     assert torch.equal(module.ternary_weight()[0], -codes)
     module.load_state_dict({"weight": torch.randn(16, 32)})
     assert torch.equal(module.ternary_weight()[0], R.quantize_ternary(module.weight, None)[0])
+
+
+def test_dense_weight_is_cached_per_update_and_dtype():
+    module = TernaryLinear(32, 16, group_size=16)
+    assert module.gemm == "dense" and TernaryLinear(32, 16, act_bits=8).gemm == "codes"
+    opt = torch.optim.SGD(module.parameters(), lr=0.5)
+    x = torch.randn(4, 32)
+    module(x).square().sum().backward()
+    first = module._dense
+    module(x)
+    assert module._dense is first  # same weight: the dequantized copy is reused across micro-batches
+    codes, scales = module.ternary_weight()
+    assert torch.equal(first[1], R.dequantize_ternary(codes, scales, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x)
+    assert module._dense[1].dtype == torch.bfloat16  # a new copy in the compute dtype
+    opt.step()
+    module(x)
+    assert torch.equal(module._dense[1], R.dequantize_ternary(*module.ternary_weight(), 16))
+    module.invalidate()
+    assert module._dense is None
+
+
+def test_gemm_argument_errors():
+    x, w = torch.randn(4, 32), torch.randn(16, 32)
+    with pytest.raises(ValueError, match="gemm='cutlass': expected one of"):
+        T.ternary_linear(x, w, gemm="cutlass")
+    with pytest.raises(ValueError, match="cannot be combined with act_bits=8"):
+        TernaryLinear(32, 16, act_bits=8, gemm="dense")
+    codes, scales, _ = T.ternary_quantize(w)
+    with pytest.raises(ValueError, match="dequantized: expected shape"):
+        T.ternary_linear_quantized(x, w, codes, scales, dequantized=torch.zeros(16, 31))
 
 
 def test_training_step_reduces_loss():
@@ -472,7 +509,8 @@ def test_packed_matmul_sends_only_contract_group_sizes_to_cuda(fake_cuda, group_
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_int8_training_forward_uses_cuda_gemm_for_per_row_scales(fake_cuda, group_size, bias):
+def test_int8_training_forward_uses_cuda_gemm_for_per_row_scales(fake_cuda, monkeypatch, group_size, bias):
+    monkeypatch.setenv("TGOLF_BACKEND", "cuda")  # opt-in: measured slower than Triton on an H100
     x, w = torch.randn(37, 70), torch.randn(45, 70)
     b = torch.randn(45) if bias else torch.zeros(45)
     grad = torch.randn(37, 45)
@@ -501,8 +539,24 @@ def test_int8_training_forward_in_fp32_stays_off_the_bf16_kernel(fake_cuda):
     assert rel(y, R.ternary_linear_reference(x, w, act_bits=8)) < 1e-5
 
 
+def test_int8_cuda_kernels_are_opt_in(fake_cuda):
+    # Measured slower than their Triton twins on an H100: by default the ops say so and run Triton (here: the
+    # reference, as no Triton runs on CPU tensors without the interpreter); packed_mm keeps its CUDA kernel.
+    device = torch.device("cpu")
+    for name in (T._CUDA_INT8, T._CUDA_INT8_MM):
+        choice = T._route(device, name, lambda: None)
+        assert choice.backend != "cuda" and "measured" in choice.reason and "TGOLF_BACKEND=cuda" in choice.reason
+    assert T._route(device, T._CUDA_PACKED, lambda: None).backend == "cuda"
+    module = TernaryLinear(70, 45, act_bits=8)
+    with torch.no_grad():
+        module(torch.randn(100, 70).bfloat16())
+    assert fake_cuda.calls == []
+    assert "measured" in backend.OP_CHOICES["ternary.int8_linear"](device).reason
+
+
 @pytest.mark.parametrize("group_size", [None, 16])
-def test_int8_inference_uses_the_fused_cuda_op_for_per_row_scales(fake_cuda, group_size):
+def test_int8_inference_uses_the_fused_cuda_op_for_per_row_scales(fake_cuda, monkeypatch, group_size):
+    monkeypatch.setenv("TGOLF_BACKEND", "cuda")
     module = TernaryLinear(70, 45, bias=True, group_size=group_size, act_bits=8)
     x = torch.randn(80, 70).bfloat16()
     with torch.no_grad():
@@ -513,6 +567,7 @@ def test_int8_inference_uses_the_fused_cuda_op_for_per_row_scales(fake_cuda, gro
 
 
 def test_info_choosers_name_the_cuda_conditions(fake_cuda, monkeypatch):
+    monkeypatch.setenv("TGOLF_BACKEND", "cuda")  # the int8 kernels are opt-in
     cpu = torch.device("cpu")
     conditions = {"ternary.packed_mm": "multiple of 64", "ternary.int8_mm": "one scale per row",
                   "ternary.int8_linear": "one scale per row"}
@@ -533,8 +588,10 @@ def test_bench_contest_set_holds_the_issue_targets():
         for label in ("row", "row a8", "g128"):  # fwd+bwd vs bf16 / fake-quant / its compile; int8 fwd vs bf16
             case = rows[("ternary.ternary_linear", f"M65536 K{k} N{n} {label}")]
             assert case.grad_argnums == (0, 1) and {"cublas_bf16", "eager", "compiled"} <= set(case.anchors)
-    for k, n in ((512, 1536), (1536, 512)):  # per-row int8 forward: CUDA vs its Triton twin vs cuBLAS
-        assert {"cublas_bf16", "triton"} <= set(rows[("ternary.int8_linear", f"M65536 K{k} N{n} row")].anchors)
+    for k, n in ((512, 1536), (1536, 512)):  # per-row int8 forward: Triton (default) vs the CUDA kernel vs cuBLAS
+        assert {"cublas_bf16", "cuda"} <= set(rows[("ternary.int8_linear", f"M65536 K{k} N{n} row")].anchors)
+    for k, n in ((512, 1536), (1536, 512), (512, 512), (768, 3072)):  # the dense default beside the codes GEMMs
+        assert {"codes_gemm", "cached"} <= set(rows[("ternary.ternary_linear", f"M65536 K{k} N{n} row")].anchors)
     for m in (1, 4, 16):  # packed GEMV, 4096 × 4096
         assert {"cublas_bf16", "triton"} <= set(rows[("ternary.packed_matmul", f"M{m} K4096 N4096 row")].anchors)
 
@@ -568,9 +625,9 @@ def test_triton_matches_reference_on_cuda(group_size, act_bits):
 
 
 @pytest.mark.gpu
-def test_cuda_routing_on_the_gpu():
+def test_cuda_routing_on_the_gpu(monkeypatch):
     """With tgolf._C built: every group size works (those the packed kernel does not take fall back), and the
-    per-row act_bits=8 training forward is exactly the CUDA int8 GEMM's output."""
+    per-row act_bits=8 training forward, with the opt-in CUDA kernel asked for, is exactly its output."""
     if backend.cuda_op("ternary_int8_mm_cuda") is None or backend.cuda_op("ternary_packed_mm_cuda") is None:
         pytest.skip("tgolf._C was not built")
     from tgolf import _extension as ext
@@ -584,6 +641,7 @@ def test_cuda_routing_on_the_gpu():
     x = torch.randn(300, 200, device="cuda", dtype=torch.bfloat16)
     codes, scales = R.quantize_ternary(w)
     expected = ext.ternary_int8_mm_reference(*R.quantize_activations_int8(x), codes, scales[:, 0])
+    monkeypatch.setenv("TGOLF_BACKEND", "cuda")
     assert torch.equal(T.ternary_linear(x, w, act_bits=8), expected)
 
 

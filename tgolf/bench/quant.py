@@ -32,9 +32,9 @@ def _inputs(m: int, k: int, n: int):
     return make
 
 
-# tgolf's own alternatives, timed beside the default: QAT with a dequantized copy and cuBLAS instead of the
-# fused Triton GEMMs; fp8 with fp8 backward GEMMs too (different numerics: timed, not checked).
-_VARIANTS = {"qat_linear": ("dense_gemm", dict(gemm="dense")), "fp8_linear": ("fp8_backward", dict(fp8_backward=True))}
+# tgolf's own alternatives, timed beside the default: QAT with the fused Triton GEMMs instead of a dequantized
+# copy and cuBLAS; fp8 with fp8 backward GEMMs too (different numerics: timed, not checked).
+_VARIANTS = {"qat_linear": ("fused_gemm", dict(gemm="fused")), "fp8_linear": ("fp8_backward", dict(fp8_backward=True))}
 
 
 def _case(name: str, m: int, k: int, n: int, precision: str, label: str, **kwargs) -> BenchCase:

@@ -2,7 +2,9 @@
 small-M inference GEMM.
 
 Where tgolf has a CUDA kernel (int8 GEMMs with one scale per row, the packed GEMV) the candidate is the op as
-shipped, which picks that kernel, and its Triton twin runs beside it (``TGOLF_BACKEND=triton``, forward only).
+shipped and the other backend runs beside it (forward only): the packed GEMV picks its CUDA kernel and times its
+Triton twin (``TGOLF_BACKEND=triton``); the int8 ops pick Triton (their CUDA kernels are opt-in, measured slower)
+and time the CUDA kernel (``TGOLF_BACKEND=cuda``).
 Anchors: bf16 ``F.linear`` (cuBLAS, what a ternary layer must beat) and, for training, plain-PyTorch fake
 quantization (what the contest's ternary record ran: absmean, round, straight-through ``detach``) eagerly and
 under ``torch.compile``. tgolf's own reference computes its scales in float64 to be bit-exact, so it checks
@@ -12,12 +14,16 @@ Issue targets (tgolf issues 4 and 7), all in ``--shapes contest``:
 
 * training op, M = 65,536, (K, N) in (512, 1536), (1536, 512), (512, 512), (768, 3072), forward+backward against
   bf16 ``nn.Linear``, the eager fake-quant and its ``torch.compile``, per row and per group of 128 (the record's);
-  ``act_bits=8`` (per row: the int8 CUDA GEMM) forward against bf16;
+  ``act_bits=8`` (per row: the int8 CUDA GEMM) forward against bf16. The candidate (default "dense" GEMMs)
+  quantizes on every call; ``cached`` is TernaryLinear's call between optimizer steps (quantization cached), and
+  ``codes_gemm`` the Triton GEMMs that read the int8 codes;
 * int8 inference forward, one scale per row, M = 65,536, (K, N) in (512, 1536), (1536, 512): CUDA kernel against its
   Triton twin and bf16 cuBLAS;
 * packed GEMV / small-M GEMM, M in 1, 4, 16, K = N = 4096: CUDA kernel against its Triton twin and bf16 cuBLAS.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +99,35 @@ def _linear_inputs(m: int, k: int, n: int):
     return make
 
 
+def _cached_dense(group_size: int | None) -> Impl:
+    """TernaryLinear's training call between optimizer steps: codes, scales and the dense copy already cached
+    (made untimed in ``prepare``), so only the cuBLAS GEMMs remain; the candidate quantizes on every call."""
+    def prepare(inputs: tuple) -> tuple:
+        from tgolf.ops.ternary import dense_weight, ternary_quantize
+
+        x, w = inputs
+        codes, scales, _ = ternary_quantize(w, group_size)
+        return x, w, codes, scales, dense_weight(codes, scales, group_size, x.dtype)
+
+    def load() -> Callable:
+        from tgolf.ops.ternary import ternary_linear_quantized
+
+        return lambda x, w, codes, scales, dense: ternary_linear_quantized(x, w, codes, scales, None, group_size,
+                                                                           None, "dense", dense)
+    return Impl(load, prepare=prepare)
+
+
 def _linear_case(m: int, k: int, n: int, group_size: int | None, act_bits: int | None) -> BenchCase:
     kwargs = dict(bias=None, group_size=group_size, act_bits=act_bits)
     speed_anchor = _fake_quant(group_size, act_bits)
     anchors = {"cublas_bf16": cublas_linear(), "eager": eager(speed_anchor), "compiled": compiled(speed_anchor)}
+    if act_bits is None:  # the default "dense" GEMMs, beside Triton's GEMMs on the codes and the cached call
+        anchors["codes_gemm"] = op("tgolf.ops.ternary:ternary_linear", gemm="codes", **kwargs)
+        anchors["cached"] = _cached_dense(group_size)
     cuda_int8 = act_bits == 8 and group_size is None  # the forward's GEMM is ternary_int8_mm_cuda where built
     if cuda_int8:
-        anchors["triton"] = forced_backend(lazy("tgolf.ops.ternary:ternary_linear", **kwargs), "triton")
+        # The CUDA int8 GEMM is opt-in (measured slower than Triton, which the candidate runs): timed beside it.
+        anchors["cuda"] = forced_backend(lazy("tgolf.ops.ternary:ternary_linear", **kwargs), "cuda")
     return BenchCase(
         op="ternary.ternary_linear",
         label=f"M{m} K{k} N{n} {_group_label(group_size)}" + ("" if act_bits is None else f" a{act_bits}"),
@@ -173,7 +201,7 @@ def _int8_candidate():
 
 
 def _int8_case(m: int, k: int, n: int) -> BenchCase:
-    anchors = {"cublas_bf16": cublas_linear(weight_arg=3), "triton": forced_backend(_int8_candidate(), "triton")}
+    anchors = {"cublas_bf16": cublas_linear(weight_arg=3), "cuda": forced_backend(_int8_candidate(), "cuda")}
     return BenchCase(
         op="ternary.int8_linear", label=f"M{m} K{k} N{n} row", shape=dict(M=m, K=k, N=n),
         make_inputs=_quantized_inputs(m, k, n, ROW, packed=False),

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from tgolf.ops.ternary import (PACKED_MAX_M, int8_linear, packed_matmul, ternary_linear_quantized,
-                               ternary_quantize)
+from tgolf.ops.ternary import (PACKED_MAX_M, check_gemm, compute_dtype, default_gemm, dense_weight, int8_linear,
+                               packed_matmul, ternary_linear_quantized, ternary_quantize)
 from tgolf.ops.ternary.reference import check_act_bits, group_count
 
 __all__ = ["TernaryLinear"]
@@ -43,16 +43,23 @@ class TernaryLinear(nn.Linear):
     """``nn.Linear`` with ternary weights (BitNet b1.58); ``act_bits=8`` adds per-token int8 activations.
 
     ``group_size``: None for one absmean scale per output row, else one per ``group_size`` input columns.
+    ``gemm``: how training GEMMs multiply by the ternary weight: "dense" (cuBLAS with a dequantized copy made once
+    per weight update; the default without ``act_bits``: measured faster) or "codes" (Triton GEMMs reading the int8
+    codes; the default and only choice with ``act_bits=8``). See ``tgolf.ops.ternary.default_gemm``.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None,
-                 act_bits: int | None = None, device=None, dtype=None):
+                 act_bits: int | None = None, gemm: str | None = None, device=None, dtype=None):
         group_count(in_features, group_size)
         check_act_bits(act_bits)
+        gemm = default_gemm(act_bits) if gemm is None else gemm
+        check_gemm(gemm, act_bits)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.group_size = group_size
         self.act_bits = act_bits
+        self.gemm = gemm
         self._cache: tuple | None = None  # (key, codes, scales, packed)
+        self._dense: tuple | None = None  # (key, dense weight in the compute dtype)
 
     def _cache_key(self) -> tuple | None:
         w = self.weight
@@ -64,7 +71,7 @@ class TernaryLinear(nn.Linear):
 
     def invalidate(self) -> None:
         """Forget the cached quantization (after writing the weight through ``weight.data``)."""
-        self._cache = None
+        self._cache = self._dense = None
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes int8 [N, K], scales f32 [N, G], packed uint8 [N, ⌈K/4⌉]) of the current weight."""
@@ -92,7 +99,21 @@ class TernaryLinear(nn.Linear):
             if tokens <= PACKED_MAX_M:
                 y = packed_matmul(x, packed, scales, self.in_features, self.group_size)
                 return y if self.bias is None else y + self.bias.to(y.dtype)
-        return ternary_linear_quantized(x, self.weight, codes, scales, self.bias, self.group_size, self.act_bits)
+        dense = self._dense_weight(codes, scales, compute_dtype(x)) if self.gemm == "dense" else None
+        return ternary_linear_quantized(x, self.weight, codes, scales, self.bias, self.group_size, self.act_bits,
+                                        self.gemm, dense)
+
+    def _dense_weight(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight in ``dtype``, made once per weight update (like the codes) and per dtype."""
+        if torch.compiler.is_compiling():
+            return dense_weight(codes, scales, self.group_size, dtype)
+        key = (self._cache_key(), dtype)
+        if key[0] is None or self._dense is None or self._dense[0] != key:
+            with torch.no_grad():
+                weight = dense_weight(codes, scales, self.group_size, dtype)
+            self._dense = None if key[0] is None else (key, weight)
+            return weight
+        return self._dense[1]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, group_size={self.group_size}, act_bits={self.act_bits}"
+        return f"{super().extra_repr()}, group_size={self.group_size}, act_bits={self.act_bits}, gemm={self.gemm!r}"

@@ -18,7 +18,7 @@ from pathlib import Path
 from tgolf.config import add_config_arguments, parse_step_range, resolve_config
 from tgolf.profile.env import collect_env
 from tgolf.profile.report import summarize, write_report
-from tgolf.profile.trace import analyze, load_events
+from tgolf.profile.trace import analyze, load_events, load_trace, trace_env
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "warm-up included)")
     parser.add_argument("--from-trace", default=None, metavar="FILE",
                         help="build the report from a recorded chrome trace (.json or .json.gz) instead of running; "
-                             "run.json beside it, if any, supplies the model FLOPs")
+                             "run.json beside it, if any, supplies the model FLOPs and the run's machine and versions")
     parser.add_argument("--no-charts", action="store_true")
     add_config_arguments(parser)
     return parser
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         meta_path = trace.parent / "run.json"
         recorded = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         meta = recorded.get("meta", {})
-        analysis = analyze(load_events(trace))
-        summary = summarize(analysis, {**meta, "trace": str(trace)}, meta.get("step_ms_host"))
+        events, info = load_trace(trace)
+        # the header describes the run, not this machine: its own record, else what the trace says
+        run_env = {**recorded["env"], "source": "run.json"} if recorded.get("env") else trace_env(info, events)
+        summary = summarize(analyze(events), {**meta, "trace": str(trace)}, meta.get("step_ms_host"), run_env)
         samples = recorded.get("telemetry_samples", [])
         print(write_report(summary, env, samples, out, charts=not args.no_charts).read_text())
         return 0
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = profile_training(cfg, args.steps, args.warmup, out, nsys,
                               log=lambda msg: print(msg, file=sys.stderr, flush=True))
-    (out / "run.json").write_text(json.dumps({"meta": {**result.meta, "step_ms_host": result.step_ms}},
+    (out / "run.json").write_text(json.dumps({"meta": {**result.meta, "step_ms_host": result.step_ms}, "env": env},
                                              indent=1) + "\n")
     analysis = analyze(load_events(result.trace_path)) if result.trace_path else None
     summary = summarize(analysis, {**result.meta, "trace": str(result.trace_path)}, result.step_ms)

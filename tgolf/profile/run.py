@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 from tgolf.config import Config
 from tgolf.nvtx import enable_ranges, nvtx_range
@@ -92,13 +92,25 @@ def save_trace(prof: profile, out_dir: Path) -> Path:
     return trace_path
 
 
-def _peak_memory(device: torch.device) -> dict:
+def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
                 "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}
     import resource
 
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30}
+
+
+def step_profiler(cuda: bool, active: int, warmup: int) -> profile:
+    """torch.profiler for ``warmup`` then ``active`` steps; the caller calls ``.step()`` after each step.
+
+    The warm-up steps run with the profiler started but keep nothing, so its start-up (CUPTI initialisation, the
+    first buffers) is not charged to the first recorded step. ``warmup=0`` (no step before the window) records at once.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if warmup == 0:
+        return profile(activities=activities)
+    return profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=active, repeat=1))
 
 
 def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
@@ -141,30 +153,36 @@ def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
             raise RuntimeError(f"non-finite loss {value} at step {i}")
         return (time.perf_counter() - t0) * 1e3
 
+    # the last warm-up step runs under the profiler's own warm-up (started, recording nothing)
+    profiler_warmup = min(warmup, 1) if nsys_steps is None else 0
     t0 = time.perf_counter()
-    for i in range(warmup):
+    for i in range(warmup - profiler_warmup):
         one_step(i)
-    log(f"tgolf.profile: {warmup} warm-up steps in {time.perf_counter() - t0:.1f}s ({params:,} parameters, "
+    log(f"tgolf.profile: {warmup - profiler_warmup} untraced warm-up steps in {time.perf_counter() - t0:.1f}s, "
+        f"{profiler_warmup} more under the profiler's warm-up ({params:,} parameters, "
         f"{accum} micro-batches per step, compile={'on' if net is not model else 'off'}, device {device})")
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     use_torch_profiler = nsys_steps is None
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    prof_ctx = profile(activities=activities) if use_torch_profiler else nullcontext()
+    prof_ctx = step_profiler(cuda, steps, profiler_warmup) if use_torch_profiler else nullcontext()
     step_ms: list[float] = []
     with Telemetry() as telemetry, prof_ctx as prof:
-        for i in range(warmup, warmup + steps):
+        for i in range(warmup - profiler_warmup, warmup + steps):
             if nsys_steps and cuda and i == nsys_steps[0]:
                 torch.cuda.profiler.start()
-            step_ms.append(one_step(i))
+            ms = one_step(i)
+            if i >= warmup:
+                step_ms.append(ms)
             if nsys_steps and cuda and i == nsys_steps[1]:
                 torch.cuda.profiler.stop()
+            if prof is not None:
+                prof.step()
     trace_path = save_trace(prof, out_dir) if use_torch_profiler else None
     meta = {
         **run_meta(cfg, device, params, accum, world_size=1), "warmup_steps": warmup,
         "profiled_steps": list(range(warmup, warmup + steps)), "nsys_steps": list(nsys_steps) if nsys_steps else None,
-        "telemetry": telemetry.summary(), **_peak_memory(device),
+        "telemetry": telemetry.summary(), **peak_memory(device),
     }
     print(f"tgolf.profile: {steps} profiled steps, median {sorted(step_ms)[len(step_ms) // 2]:.1f} ms",
           file=sys.stderr)

@@ -1,6 +1,7 @@
 """Step-by-step time accounting from a torch.profiler chrome trace.
 
-Each step is a window (a ``tgolf_step#N`` or ``ProfilerStep#N`` range). Inside it, time is cut at every
+Each step is a window: the host-side ``tgolf_step#N`` range (else ``ProfilerStep#N``), one per step; see
+``step_windows``. Inside it, time is cut at every
 event boundary; each slice goes to the category of the innermost busy event covering it (the latest to
 start), or to ``idle`` when none does. So the categories and idle add up to the step's duration exactly,
 overlaps (nested CPU operators, concurrent GPU streams) are never counted twice, and an operator's parent
@@ -11,6 +12,7 @@ waited), else CPU operators (a CPU run: idle is Python and framework time betwee
 """
 from __future__ import annotations
 
+import datetime
 import gzip
 import heapq
 import json
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from tgolf.profile.categories import CATEGORIES, IDLE, categorize
 
-STEP_RE = re.compile(r"^(?:tgolf_step|ProfilerStep)#(\d+)$")
+STEP_RE = re.compile(r"^(tgolf_step|ProfilerStep)#(\d+)$")
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATS = ("cpu_op",)
 RANGE_CATS = ("user_annotation",)
@@ -43,32 +45,23 @@ class StepTimes:
     step: int
     ms: float
     categories: dict[str, float]  # ms per category, IDLE included; sums to ms
+    kernels: dict[tuple[str, str], float] = field(default_factory=dict)  # (category, name) → attributed ms
 
 
 @dataclass
 class TraceAnalysis:
     source: str  # "gpu" or "cpu": which events counted as busy
     steps: list[StepTimes]
-    top: list[tuple[str, str, float]] = field(default_factory=list)  # (category, name, ms over all steps)
-
-    def totals(self) -> dict[str, float]:
-        out = {c: 0.0 for c in (*CATEGORIES, IDLE)}
-        for s in self.steps:
-            for c, ms in s.categories.items():
-                out[c] += ms
-        return out
-
-    @property
-    def total_ms(self) -> float:
-        return sum(s.ms for s in self.steps)
 
 
-def load_events(path: str | Path) -> list[Event]:
+def load_trace(path: str | Path) -> tuple[list[Event], dict]:
+    """The complete ("X") events of a chrome trace, and its top-level metadata (deviceProperties, versions...)."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         data = json.load(f)
     raw = data["traceEvents"] if isinstance(data, dict) else data
+    info = {k: v for k, v in data.items() if k != "traceEvents"} if isinstance(data, dict) else {}
     events = []
     for e in raw:
         if e.get("ph") != "X" or "dur" not in e:
@@ -77,7 +70,32 @@ def load_events(path: str | Path) -> list[Event]:
         args = e.get("args") or {}
         events.append(Event(e.get("name", ""), e.get("cat", ""), start, start + float(e["dur"]), e.get("tid", 0),
                             args.get("correlation")))
-    return events
+    return events, info
+
+
+def load_events(path: str | Path) -> list[Event]:
+    return load_trace(path)[0]
+
+
+def trace_env(info: dict, events: list[Event]) -> dict:
+    """What a trace itself says about the machine that recorded it (torch.profiler writes deviceProperties and
+    the CUDA driver/runtime versions, not torch's or triton's): a fallback for runs that did not record their env."""
+    env: dict = {"source": "trace"}
+    base_ns = info.get("baseTimeNanoseconds")
+    if base_ns is not None and events:  # kineto's timestamps are µs after this base: the trace's wall-clock start
+        start_s = base_ns / 1e9 + min(e.start for e in events) / 1e6
+        env["date_utc"] = datetime.datetime.fromtimestamp(start_s, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    devices = info.get("deviceProperties") or []
+    if devices:
+        props = devices[0]
+        env.update(device="cuda", device_name=props.get("name"), device_count=len(devices),
+                   sm_count=props.get("numSms"), capability=f"{props.get('computeMajor')}.{props.get('computeMinor')}")
+        if props.get("totalGlobalMem"):
+            env["memory_gib"] = round(props["totalGlobalMem"] / 2**30, 1)
+    for key, out in (("cuda_driver_version", "cuda_driver_api"), ("cuda_runtime_version", "cuda_runtime")):
+        if info.get(key):  # 13000 → "13.0"
+            env[out] = f"{info[key] // 1000}.{info[key] % 1000 // 10}"
+    return env
 
 
 def _enclosing(queries: list[tuple[float, object]], ranges: list[Event]) -> list[list[str]]:
@@ -104,7 +122,8 @@ def _enclosing(queries: list[tuple[float, object]], ranges: list[Event]) -> list
 
 def _attribute(window: tuple[float, float], busy: list[tuple[float, float, str, str]],
                top: dict[tuple[str, str], float]) -> dict[str, float]:
-    """Sweep one window; busy = (start, end, category, name) already clipped to the window. Returns µs."""
+    """Sweep one window; busy = (start, end, category, name) already clipped to the window. Returns µs per category
+    and adds each (category, name)'s µs to ``top``."""
     lo, hi = window
     out = {c: 0.0 for c in (*CATEGORIES, IDLE)}
     busy = sorted(busy, key=lambda e: (e[0], e[1]))
@@ -126,8 +145,28 @@ def _attribute(window: tuple[float, float], busy: list[tuple[float, float, str, 
     return out
 
 
-def analyze(events: list[Event], top_n: int = 20) -> TraceAnalysis:
-    steps = sorted(((int(m.group(1)), e) for e in events if (m := STEP_RE.match(e.name))), key=lambda s: s[1].start)
+def step_windows(events: list[Event]) -> list[tuple[int, Event]]:
+    """One window per step number, in time order.
+
+    A GPU trace holds each record_function range twice: the host-side ``user_annotation`` and a
+    ``gpu_user_annotation`` copy spanning the step's first to last kernel; a profiler schedule adds its own
+    ``ProfilerStep#K`` ranges (counted from the profiler's start, and covering the gaps between steps). The window
+    is the host-side ``tgolf_step#N`` range: it opens before the step's data loading and closes after the
+    synchronisation that ends the step, so it holds all the step's GPU work and the GPU's idle time too, and it is
+    the time the training loop's own clock measures. ``ProfilerStep#K`` serves only traces without tgolf ranges.
+    """
+    host = [(int(m.group(2)), m.group(1), e) for e in events
+            if not e.cat.startswith("gpu_") and (m := STEP_RE.match(e.name))]
+    ours = [h for h in host if h[1] == "tgolf_step"]
+    chosen: dict[int, Event] = {}
+    for number, _, e in ours or host:  # a number seen twice (a re-entered range): the longer span
+        if number not in chosen or e.end - e.start > chosen[number].end - chosen[number].start:
+            chosen[number] = e
+    return sorted(chosen.items(), key=lambda s: s[1].start)
+
+
+def analyze(events: list[Event]) -> TraceAnalysis:
+    steps = step_windows(events)
     if not steps:
         raise ValueError("trace has no step ranges (tgolf_step#N or ProfilerStep#N): record steps with "
                          "tgolf.profile or torch.profiler's schedule")
@@ -143,12 +182,12 @@ def analyze(events: list[Event], top_n: int = 20) -> TraceAnalysis:
     names = _enclosing([(a.start, a.tid) for a in anchors], ranges)
     labelled = [(e.start, e.end, categorize(e.name, e.cat, rs), e.name) for e, rs in zip(busy, names)]
 
-    top: dict[tuple[str, str], float] = defaultdict(float)
     results = []
     for number, window in steps:
         lo, hi = window.start, window.end
         clipped = [(max(s, lo), min(t, hi), c, n) for s, t, c, n in labelled if t > lo and s < hi]
+        top: dict[tuple[str, str], float] = defaultdict(float)
         per_cat = _attribute((lo, hi), clipped, top)
-        results.append(StepTimes(number, (hi - lo) / 1e3, {c: us / 1e3 for c, us in per_cat.items()}))
-    ranked = sorted(((c, n, us / 1e3) for (c, n), us in top.items()), key=lambda t: -t[2])[:top_n]
-    return TraceAnalysis(source, results, ranked)
+        results.append(StepTimes(number, (hi - lo) / 1e3, {c: us / 1e3 for c, us in per_cat.items()},
+                                 {key: us / 1e3 for key, us in top.items()}))
+    return TraceAnalysis(source, results)

@@ -27,6 +27,9 @@ runs its Triton kernel (or the reference), and ``_route`` says why in the Choice
 * ``ternary_int8_linear`` (inference) → ``ternary_int8_linear_cuda`` (activation quantization fused) for one scale
   per row and bf16 x.
 
+The two int8 CUDA kernels are opt-in (``TGOLF_BACKEND=cuda``): on an H100 they were measured slower than the
+Triton kernels (``_CUDA_OPT_IN`` has the figures), so by default those ops run on Triton.
+
 Grouped scales never reach the int8 CUDA ops (they take one scale per row): grouped int8 runs on Triton (group sizes
 that are multiples of 16) or the reference. The CUDA ops add no bias; it is added after them, in the output dtype.
 """
@@ -38,20 +41,30 @@ import torch
 import torch.nn.functional as F
 
 from tgolf import backend
+# The straight-through dense GEMM (cuBLAS with a dequantized copy; the latent weight gets the gradient) is QAT's.
+from tgolf.ops.quant import qat_dense_matmul as dense_ste_matmul
 from tgolf.ops.ternary.packing import pack2, packed_length, unpack2
 from tgolf.ops.ternary.reference import (check_act_bits, dequantize_ternary, group_count, quantize_activations_int8,
                                          quantize_ternary, ternary_linear_reference)
 
+TERNARY_GEMMS = ("dense", "codes")  # cuBLAS on a dequantized copy, or Triton GEMMs reading the int8 codes
 PACKED_MAX_M = 64  # up to this many tokens, inference reads the 2-bit weights (memory-bound regime)
 _CUDA_PACKED = "ternary_packed_mm_cuda"
 _CUDA_INT8 = "ternary_int8_linear_cuda"
 _CUDA_INT8_MM = "ternary_int8_mm_cuda"
+# CUDA kernels measured slower than their Triton twins (H100, profiles/2026-11-27-NVIDIA-H100-80GB-HBM3, M = 65,536,
+# K×N 512×1536 / 1536×512 ...): they run only when asked for with TGOLF_BACKEND=cuda.
+_CUDA_OPT_IN = {
+    _CUDA_INT8: "measured 4× slower than the Triton kernel on an H100 (1.39 vs 0.34 ms at M=65,536 K=512 N=1536)",
+    _CUDA_INT8_MM: "measured slower than the Triton kernel on an H100 at 3 of the 4 contest shapes "
+                   "(0.45 vs 0.36 ms at M=65,536 K=512 N=1536)",
+}
 _CUDA_PACKED_GROUP = 64  # the packed CUDA kernel's group sizes: 0 (per row) or a multiple of this
 # Largest M each CUDA kernel's grid takes (row blocks of 64 / 128 in grid dimension y, at most 65535 of them).
 _CUDA_PACKED_MAX_M = 64 * 65535
 _CUDA_INT8_MAX_M = 128 * 65535
 
-__all__ = ["ternary_linear", "ternary_linear_quantized", "ternary_quantize", "packed_matmul", "int8_linear",
+__all__ = ["ternary_linear", "ternary_linear_quantized", "dense_weight", "default_gemm", "check_gemm", "TERNARY_GEMMS", "ternary_quantize", "packed_matmul", "int8_linear",
            "pack2", "unpack2", "quantize_ternary", "dequantize_ternary", "quantize_activations_int8",
            "ternary_linear_reference", "PACKED_MAX_M"]
 
@@ -66,12 +79,26 @@ def _choice(device: torch.device, cuda_name: str | None = None) -> str:
     return backend.choose(device, cuda_name=cuda_name).backend
 
 
+def _opt_in(device: torch.device, cuda_name: str | None) -> backend.Choice | None:
+    """The choice for an op whose CUDA kernel was measured slower than its Triton twin, unless asked for."""
+    choice = backend.choose(device, cuda_name=cuda_name)
+    if choice.backend != "cuda" or cuda_name not in _CUDA_OPT_IN or backend.forced_backend() == "cuda":
+        return None
+    other = backend.choose(device)
+    return backend.Choice(other.backend, f"{other.reason}; not {cuda_name}: {_CUDA_OPT_IN[cuda_name]} "
+                                         "(TGOLF_BACKEND=cuda uses it)")
+
+
 def _route(device: torch.device, cuda_name: str, misfit: Callable[[], str | None]) -> backend.Choice:
-    """The backend for one call of an op with a CUDA kernel: that kernel when it exists and ``misfit()`` (why this
-    call breaks the kernel's contract, or None) finds nothing, else what the op would use without it."""
+    """The backend for one call of an op with a CUDA kernel: that kernel when it exists, is not opt-in, and
+    ``misfit()`` (why this call breaks the kernel's contract, or None) finds nothing, else what the op would use
+    without it."""
     choice = backend.choose(device, cuda_name=cuda_name)
     if choice.backend != "cuda":
         return choice
+    opt_in = _opt_in(device, cuda_name)
+    if opt_in is not None:
+        return opt_in
     why = misfit()
     if why is None:
         return choice
@@ -259,6 +286,9 @@ def _chooser(cuda_name: str | None = None, condition: str = "") -> Callable[[tor
         choice = backend.choose(device, cuda_name=cuda_name)
         if choice.backend != "cuda":
             return choice
+        opt_in = _opt_in(device, cuda_name)
+        if opt_in is not None:
+            return opt_in
         other = backend.choose(device)
         return backend.Choice("cuda", f"{choice.reason} for {condition}; other calls: {other.backend} "
                                       f"({other.reason})")
@@ -312,7 +342,8 @@ class _TernaryLinearFn(torch.autograd.Function):
         return grad_x, grad_w, None, None, grad_b, None, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the GEMMs run in: the autocast dtype under autocast, else x's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -340,33 +371,73 @@ def ternary_quantize(weight: torch.Tensor, group_size: int | None = None):
     return torch.ops.tgolf.ternary_quantize(weight.detach(), gs)
 
 
+def dense_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """codes × scales as a dense weight in ``dtype``: what the "dense" GEMMs multiply by (cache it per weight update)."""
+    gs = None if group_size is None or group_size >= codes.shape[1] else group_size
+    return dequantize_ternary(codes, scales, gs).to(dtype)
+
+
+def check_gemm(gemm: str, act_bits: int | None) -> None:
+    if gemm not in TERNARY_GEMMS:
+        raise ValueError(f"gemm={gemm!r}: expected one of {TERNARY_GEMMS}")
+    if gemm == "dense" and act_bits is not None:
+        raise ValueError(f"gemm='dense' multiplies bf16 activations: it cannot be combined with act_bits={act_bits} "
+                         "(use gemm='codes', the int8 kernels)")
+
+
 def ternary_linear_quantized(x: torch.Tensor, weight: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
                              bias: torch.Tensor | None = None, group_size: int | None = None,
-                             act_bits: int | None = None) -> torch.Tensor:
-    """``ternary_linear`` with the weight already quantized (``codes``, ``scales`` of ``weight``, e.g. cached)."""
+                             act_bits: int | None = None, gemm: str | None = None,
+                             dequantized: torch.Tensor | None = None) -> torch.Tensor:
+    """``ternary_linear`` with the weight already quantized (``codes``, ``scales`` of ``weight``, e.g. cached).
+
+    ``gemm="dense"``: cuBLAS GEMMs with ``dequantized`` (``dense_weight`` of the codes in the compute dtype; made
+    here when not given or of another dtype); ``"codes"``: Triton GEMMs reading the int8 codes. None: see
+    ``default_gemm``. ``act_bits=8`` always takes the int8 kernels, so it needs ``gemm="codes"``.
+    """
+    gemm = default_gemm(act_bits) if gemm is None else gemm
     gs = _check(x, weight, group_size, act_bits)
+    check_gemm(gemm, act_bits)
     n, k = weight.shape
     if codes.shape != (n, k) or codes.dtype != torch.int8:
         raise ValueError(f"codes: expected int8 {(n, k)}, got {codes.dtype} {tuple(codes.shape)}")
     if scales.shape != (n, group_count(k, None if gs == 0 else gs)) or scales.dtype != torch.float32:
         raise ValueError(f"scales: expected float32 [{n}, G] for group_size={group_size}, got "
                          f"{scales.dtype} {tuple(scales.shape)}")
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     x2 = x.reshape(-1, k).to(dtype).contiguous()
-    y = _TernaryLinearFn.apply(x2, weight, codes, scales, bias, gs, act_bits)
+    if gemm == "dense":
+        if dequantized is None or dequantized.dtype != dtype:
+            dequantized = dense_weight(codes, scales, group_size, dtype)
+        elif dequantized.shape != (n, k):
+            raise ValueError(f"dequantized: expected shape {(n, k)}, got {tuple(dequantized.shape)}")
+        y = dense_ste_matmul(x2, weight, dequantized, bias)
+    else:
+        y = _TernaryLinearFn.apply(x2, weight, codes, scales, bias, gs, act_bits)
     return y.reshape(*x.shape[:-1], n)
 
 
 def ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   group_size: int | None = None, act_bits: int | None = None) -> torch.Tensor:
+                   group_size: int | None = None, act_bits: int | None = None,
+                   gemm: str | None = None) -> torch.Tensor:
     """Ternary linear layer: ``x @ ternary(weight)ᵀ + bias`` with STE gradients (see reference.py for the math).
 
     Quantizes ``weight`` on every call; TernaryLinear caches the quantization per optimizer step instead.
-    Under autocast the GEMMs run in the autocast dtype, otherwise in x's dtype.
+    Under autocast the GEMMs run in the autocast dtype, otherwise in x's dtype. ``gemm``: see
+    ``ternary_linear_quantized``.
     """
     _check(x, weight, group_size, act_bits)
+    check_gemm(default_gemm(act_bits) if gemm is None else gemm, act_bits)
     codes, scales, _ = ternary_quantize(weight, group_size)
-    return ternary_linear_quantized(x, weight, codes, scales, bias, group_size, act_bits)
+    return ternary_linear_quantized(x, weight, codes, scales, bias, group_size, act_bits, gemm)
+
+
+def default_gemm(act_bits: int | None) -> str:
+    """"dense" for bf16 activations: on an H100 (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3, M = 65,536) the
+    Triton GEMMs reading the codes ran forward+backward 1.5–2.7× slower than even the eager reference, which
+    quantizes on every call and then runs cuBLAS; "dense" is that cuBLAS work without the per-call quantization.
+    "codes" (the int8 tensor-core kernels) with ``act_bits=8``."""
+    return "codes" if act_bits is not None else "dense"
 
 
 def _inference_args(x: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int | None) -> int:
@@ -390,7 +461,7 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, i
         kind = "truncated" if packed.dim() == 2 and packed.shape[1] < packed_length(in_features) else "malformed"
         raise ValueError(f"{kind} packed weight: expected uint8 [{scales.shape[0]}, {packed_length(in_features)}] "
                          f"for in_features={in_features}, got {packed.dtype} {tuple(packed.shape)}")
-    x2 = x.reshape(-1, in_features).to(_compute_dtype(x)).contiguous()
+    x2 = x.reshape(-1, in_features).to(compute_dtype(x)).contiguous()
     y = torch.ops.tgolf.ternary_packed_mm(x2, packed.contiguous(), scales.contiguous(), in_features, gs)
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
@@ -399,6 +470,6 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
                 group_size: int | None = None) -> torch.Tensor:
     """Inference form of the ``act_bits=8`` layer (no autograd): per-token int8 activations × ternary codes."""
     gs = _inference_args(x, scales, codes.shape[1], group_size)
-    x2 = x.reshape(-1, codes.shape[1]).to(_compute_dtype(x)).contiguous()
+    x2 = x.reshape(-1, codes.shape[1]).to(compute_dtype(x)).contiguous()
     y = torch.ops.tgolf.ternary_int8_linear(x2, codes.contiguous(), scales.contiguous(), bias, gs)
     return y.reshape(*x.shape[:-1], codes.shape[0])
