@@ -13,6 +13,7 @@ from tgolf.bench import core
 from tgolf.bench.__main__ import main as bench_main
 from tgolf.bench.core import BenchCase, Impl, RunOptions, rel_err, run_case
 from tgolf.bench.registry import FAMILIES, collect
+from tgolf.bench.report import markdown
 from tgolf.bench.timing import summarize
 
 STATUSES = ("ok", "incorrect", "unavailable", "error", "skipped")
@@ -182,6 +183,14 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, argv, message)
     assert message in capsys.readouterr().err
 
 
+def test_peak_memory_is_reported_where_measured():
+    row = run_case(_case(F.linear, anchors={"eager": Impl(lambda: F.linear)}), CPU)[0]
+    assert row["time"]["peak_bytes"] is None  # a CUDA figure only
+    row["time"]["peak_bytes"], row["anchors"]["eager"]["peak_bytes"] = 3 * 2**20, 12 * 2**20
+    line = markdown({}, [row]).splitlines()[-1]
+    assert ", 3 MiB |" in line and "×, 12 MiB)" in line
+
+
 def test_unknown_op_is_refused():
     with pytest.raises(ValueError, match="unknown"):
         collect(["nonsense"], "quick")
@@ -200,6 +209,7 @@ def test_cuda_timing_path(tmp_path):
     for row in run_case(case, cuda):
         assert row["status"] == "ok", row["status"]
         assert row["time"]["reps"] >= 10 and row["pct_peak_flops"] is not None
+        assert row["time"]["peak_bytes"] >= 24 * 32 * 2  # at least the bf16 output it allocates
     assert bench_main(["--device", "cuda", "--shapes", "quick", "--no-compile", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert not [r for r in rows if r["status"].startswith("error: timing")]

@@ -284,3 +284,28 @@ def test_gpu_run_counts_kernels(tmp_path):
     assert report["source"] == "gpu" and report["mfu_pct"] > 0
     _assert_adds_up(report)
     assert report["totals_ms"]["gemm"] > 0 and "peak_allocated_gib" in report["meta"]
+
+
+def test_switching_ranges_on_does_not_recompile_a_compiled_model():
+    # On the first H100 trace, enabling the ranges for the profiling window recompiled the model inside it (the graph
+    # guarded on the flag): 1.5 s of the first profiled step.
+    import torch
+    import torch._dynamo.testing
+
+    from tgolf.nvtx import enable_ranges, nvtx_range
+
+    def body(x):
+        with nvtx_range("mlp"):
+            return torch.relu(x) * 2
+
+    counter = torch._dynamo.testing.CompileCounter()
+    fn = torch.compile(body, backend=counter, fullgraph=True)
+    x = torch.randn(8)
+    try:
+        enable_ranges(False)
+        fn(x)
+        enable_ranges(True)
+        fn(x)
+    finally:
+        enable_ranges(False)
+    assert counter.frame_count == 1

@@ -26,7 +26,9 @@ def ranges_enabled() -> bool:
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
     """Push an NVTX range (GPU) and a torch.profiler record_function (any device) while enabled."""
-    if not _enabled or torch.compiler.is_compiling():
+    # is_compiling() first: inside torch.compile it is a constant True, so the flag is never read there (reading it
+    # would make the graph guard on it, and switching ranges on for a profiling window would recompile the model).
+    if torch.compiler.is_compiling() or not _enabled:
         yield
         return
     use_nvtx = torch.cuda.is_available()

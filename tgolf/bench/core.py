@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from tgolf.bench.limits import H100_HBM_BYTES_PER_S, H100_L2_BYTES, peak_flops
-from tgolf.bench.timing import TimingPlan, time_calls
+from tgolf.bench.timing import TimingPlan, peak_memory_bytes, time_calls
 
 Loader = Callable[[], Callable]
 
@@ -213,7 +213,7 @@ def _time_impl(impl: Impl, fn: Callable, sets: list[tuple], mode: str, case: Ben
     prepared = [impl.prepare(s) if impl.prepare else s for s in sets]
     calls = [make_call(fn, p, mode, case.grad_argnums, opts.seed) for p in prepared]
     timing = time_calls(calls, opts.device, plan)
-    return {"status": "ok", **timing.to_dict()}
+    return {"status": "ok", **timing.to_dict(), "peak_bytes": peak_memory_bytes(calls[0], opts.device)}
 
 
 def run_case(case: BenchCase, opts: RunOptions) -> list[dict]:

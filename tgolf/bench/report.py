@@ -54,15 +54,20 @@ def _num(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _mib(entry: dict) -> str:
+    peak = entry.get("peak_bytes")
+    return "" if peak is None else f", {peak / 2**20:.0f} MiB"
+
+
 def _anchor_text(name: str, entry: dict) -> str:
     if entry.get("status") != "ok":
         return f"{name}: {entry.get('status', '?')}"
-    return f"{name} {entry['median_ms']:.3f} ms ({entry['speedup']:.2f}×)"
+    return f"{name} {entry['median_ms']:.3f} ms ({entry['speedup']:.2f}×{_mib(entry)})"
 
 
 def _time_text(row: dict) -> str:
     t = row.get("time")
-    return "" if not t else f"{t['median_ms']:.3f} ± {(t['q75_ms'] - t['q25_ms']) / 2:.3f}"
+    return "" if not t else f"{t['median_ms']:.3f} ± {(t['q75_ms'] - t['q25_ms']) / 2:.3f}{_mib(t)}"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -75,7 +80,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"`{meta.get('command', '')}`",
         "",
         "Time: median ± half the interquartile range over the repetitions (ms). Speedup in brackets: anchor "
-        "time / tgolf time (> 1: tgolf faster). % of peak: against the "
+        "time / tgolf time (> 1: tgolf faster); MiB: the device memory one call allocates at its peak. % of peak: "
+        "against the "
         f"{H100_NAME} limits (bf16 {H100_PEAK_FLOPS['bf16'] / 1e12:.0f}, fp8/int8 "
         f"{H100_PEAK_FLOPS['int8'] / 1e12:.0f} TFLOP/s; {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s). "
         "A row that failed its correctness check has no time.",

@@ -67,6 +67,19 @@ def _reps_for(per_call_ms: float, plan: TimingPlan) -> int:
     return max(plan.min_reps, min(plan.max_reps, int(plan.target_ms / per_call_ms)))
 
 
+def peak_memory_bytes(call: Callable[[], object], device: torch.device) -> int | None:
+    """Device memory one call allocates at its peak, above what was allocated before it (CUDA only; None else):
+    its temporaries and outputs, e.g. the logits a fused loss never materialises."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    call()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
 def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, plan: TimingPlan) -> Timing:
     """Time ``calls[i % len(calls)]()`` repeatedly (each call one input set) and summarize per-call times."""
     if not calls:
