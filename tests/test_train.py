@@ -77,6 +77,35 @@ def test_muon_step_moves_weights_by_lr_sized_orthogonal_update():
     assert torch.linalg.svdvals(delta).max() < 1.5 and delta.abs().sum() > 0
 
 
+def _muon_one_matrix_at_a_time(params, grads_per_step, lr, momentum):
+    """Muon as the baseline writes it: momentum, Nesterov, then one Newton–Schulz pass per matrix."""
+    bufs = [torch.zeros_like(p) for p in params]
+    for grads in grads_per_step:
+        for p, g, buf in zip(params, grads, bufs):
+            buf.mul_(momentum).add_(g)
+            update = zeropower_newton_schulz(g.add(buf, alpha=momentum), 5)
+            p.sub_(lr * max(1.0, p.size(0) / p.size(1)) ** 0.5 * update)
+
+
+def test_muon_batches_by_shape_without_changing_the_updates():
+    torch.manual_seed(0)
+    shapes = [(16, 24), (24, 16), (16, 24), (8, 8), (24, 16), (16, 24)]  # repeated shapes, both aspect ratios
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    expected = [p.detach().clone() for p in params]
+    grads_per_step = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    opt = Muon(params, lr=0.05, momentum=0.9)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    _muon_one_matrix_at_a_time(expected, grads_per_step, lr=0.05, momentum=0.9)
+    for p, e in zip(params, expected):
+        assert torch.allclose(p.detach(), e, rtol=1e-5, atol=1e-6)
+    batch = torch.randn(3, 24, 16)
+    assert torch.allclose(zeropower_newton_schulz(batch), torch.stack([zeropower_newton_schulz(m) for m in batch]),
+                          rtol=1e-5, atol=1e-6)
+
+
 # --- the loop -----------------------------------------------------------------------------------------------
 
 def test_runs_the_requested_steps_and_learns(tmp_path, tiny_shards):

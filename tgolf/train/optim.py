@@ -15,20 +15,25 @@ _NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U·Vᵀ of g = U·S·Vᵀ; bf16 on GPUs (as Muon does), fp32 on the CPU."""
+    """Approximately U·Vᵀ of each matrix g = U·S·Vᵀ of ``g`` ([rows, cols] or a batch [n, rows, cols] of one
+    shape); bf16 on GPUs (as Muon does), fp32 on the CPU."""
     a, b, c = _NS_COEFFS
     x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm() + eps)
-    transposed = g.size(0) > g.size(1)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = g.size(-2) > g.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
+    """Muon for 2-D matrices. Matrices of one shape are orthogonalised together as one batch: the baseline's model
+    has ~54 block matrices in 4 shapes, and one Newton–Schulz pass per matrix made the step launch-bound (on the
+    2026-11-27 H100 profile: 2,863 kernels holding 6.2 ms of GPU work spread over 32.6 ms)."""
+
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
 
@@ -40,25 +45,35 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.bfloat16
                                if params[0].is_cuda else torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % world == rank:
-                    state = self.state[p]
-                    buf = state.setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    update = zeropower_newton_schulz(update, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5  # equal RMS across aspect ratios
-                    flat[offset: offset + p.numel()] = update.flatten()
-                offset += p.numel()
+            mine = [i for i in range(len(params)) if i % world == rank]  # this rank's share of the matrices
+            if mine:
+                self._orthogonalised_updates(group, [params[i] for i in mine], [offsets[i] for i in mine], flat)
             if distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                p.add_(flat[offset: offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+            for p, start in zip(params, offsets):
+                p.add_(flat[start: start + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+
+    def _orthogonalised_updates(self, group: dict, params: list[torch.Tensor], starts: list[int],
+                                flat: torch.Tensor) -> None:
+        """Momentum, then Newton–Schulz per shape batch; each update written into ``flat`` at its offset."""
+        grads = [p.grad for p in params]
+        bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+        torch._foreach_mul_(bufs, group["momentum"])
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
+        by_shape: dict[torch.Size, list[int]] = {}
+        for i, u in enumerate(updates):
+            by_shape.setdefault(u.shape, []).append(i)
+        for shape, members in by_shape.items():
+            ortho = zeropower_newton_schulz(torch.stack([updates[i] for i in members]), group["backend_steps"])
+            ortho *= max(1.0, shape[0] / shape[1]) ** 0.5  # equal RMS across aspect ratios
+            for i, update in zip(members, ortho):
+                flat[starts[i]: starts[i] + update.numel()] = update.flatten()
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
