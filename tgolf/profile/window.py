@@ -9,7 +9,8 @@ MFU, clocks).
 
 Step A-1 (when there is one) is the profiler's warm-up: the profiler starts and the ranges switch on there, and
 nothing of it is kept. On an H100 the first recorded step without it took 1959 ms against ~400 ms: CUPTI starting,
-and torch.compile recompiling because the compiled model's guards read the ranges' on/off flag.
+and torch.compile recompiling because the compiled model's guards read the ranges' on/off flag (no longer: see
+``tgolf.nvtx``).
 """
 from __future__ import annotations
 
