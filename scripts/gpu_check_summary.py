@@ -33,8 +33,9 @@ def _bench(folder: Path) -> tuple[str, list[str]]:
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("time") or {}
-        ratios = ", ".join(f"{n} {e['speedup']:.2f}" for n, e in r.get("anchors", {}).items()
-                           if e.get("status") == "ok" and e.get("speedup"))
+        ratios = ", ".join(f"{n} {e['speedup']:.2f}" + (f" (graph {e['graph_speedup']:.2f})"
+                                                        if e.get("graph_speedup") else "")
+                           for n, e in r.get("anchors", {}).items() if e.get("status") == "ok" and e.get("speedup"))
         status = r["status"] if len(r["status"]) < 60 else r["status"][:57] + "..."
         lines.append(f"| {r['op']} | {r.get('size', '')} | {r.get('mode', '')} | {status.replace('|', '/')} | "
                      f"{t.get('median_ms', 0):.3f} | {r.get('tflops') or 0:.0f} | {r.get('pct_peak_flops') or 0:.0f} | "

@@ -183,6 +183,17 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, capsys, argv, message)
     assert message in capsys.readouterr().err
 
 
+def test_graph_timing_is_shown_beside_eager_timing():
+    row = run_case(_case(F.linear, anchors={"eager": Impl(lambda: F.linear)}), CPU)[0]
+    assert "graph_ms" not in row["time"]  # CUDA only
+    row["time"]["graph_ms"], row["anchors"]["eager"]["graph_speedup"] = 0.25, 1.5
+    line = markdown({}, [row]).splitlines()[-1]
+    assert "; graph 0.250 |" in line and "×; graph 1.50×)" in line
+    row["time"].pop("graph_ms")
+    row["time"]["graph_status"] = "not capturable: RuntimeError: sync"
+    assert "; graph: not capturable |" in markdown({}, [row]).splitlines()[-1]
+
+
 def test_peak_memory_is_reported_where_measured():
     row = run_case(_case(F.linear, anchors={"eager": Impl(lambda: F.linear)}), CPU)[0]
     assert row["time"]["peak_bytes"] is None  # a CUDA figure only
@@ -210,6 +221,7 @@ def test_cuda_timing_path(tmp_path):
         assert row["status"] == "ok", row["status"]
         assert row["time"]["reps"] >= 10 and row["pct_peak_flops"] is not None
         assert row["time"]["peak_bytes"] >= 24 * 32 * 2  # at least the bf16 output it allocates
+        assert row["time"]["graph_ms"] > 0 and row["anchors"]["eager"]["graph_speedup"] > 0  # CUDA-graph replays
     assert bench_main(["--device", "cuda", "--shapes", "quick", "--no-compile", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert not [r for r in rows if r["status"].startswith("error: timing")]

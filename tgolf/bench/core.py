@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from tgolf.bench.limits import H100_HBM_BYTES_PER_S, H100_L2_BYTES, peak_flops
-from tgolf.bench.timing import TimingPlan, peak_memory_bytes, time_calls
+from tgolf.bench.timing import TimingPlan, peak_memory_bytes, time_calls, time_graphed
 
 Loader = Callable[[], Callable]
 
@@ -69,6 +69,14 @@ class BenchCase:
         return (3.0 * self.flops if self.bwd_flops is None else self.bwd_flops), self.bwd_bytes
 
 
+@dataclass
+class GraphTiming:
+    """Whether to time CUDA-graph replays beside eager calls: on until a capture fails once, since a failed capture
+    can leave the CUDA context unusable for further captures."""
+
+    enabled: bool = True
+
+
 @dataclass(frozen=True)
 class RunOptions:
     device: torch.device
@@ -76,6 +84,7 @@ class RunOptions:
     seed: int = 0
     compile_anchors: bool = True
     deadline: float = math.inf  # time.monotonic() after which remaining cases are skipped
+    graphs: GraphTiming = field(default_factory=GraphTiming)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,7 +222,14 @@ def _time_impl(impl: Impl, fn: Callable, sets: list[tuple], mode: str, case: Ben
     prepared = [impl.prepare(s) if impl.prepare else s for s in sets]
     calls = [make_call(fn, p, mode, case.grad_argnums, opts.seed) for p in prepared]
     timing = time_calls(calls, opts.device, plan)
-    return {"status": "ok", **timing.to_dict(), "peak_bytes": peak_memory_bytes(calls[0], opts.device)}
+    entry = {"status": "ok", **timing.to_dict(), "peak_bytes": peak_memory_bytes(calls[0], opts.device)}
+    if opts.device.type == "cuda" and opts.graphs.enabled:
+        try:
+            entry["graph_ms"] = time_graphed(calls, plan).median_ms
+        except Exception as exc:  # e.g. a host synchronisation inside the op: not capturable
+            entry["graph_status"] = f"not capturable: {describe_error(exc)}"
+            opts.graphs.enabled = False
+    return entry
 
 
 def run_case(case: BenchCase, opts: RunOptions) -> list[dict]:
@@ -287,11 +303,12 @@ def _fill_row(row: dict, case: BenchCase, candidate: Callable, reference: Callab
     row["status"] = "ok"
     row.update(_rates(case, mode, row["time"]["median_ms"], opts.device))
     for name, impl in case.anchors.items():
-        row["anchors"][name] = _anchor_entry(name, impl, case, sets, mode, plan, opts, row["time"]["median_ms"])
+        row["anchors"][name] = _anchor_entry(name, impl, case, sets, mode, plan, opts, row["time"]["median_ms"],
+                                             row["time"].get("graph_ms"))
 
 
 def _anchor_entry(name: str, impl: Impl, case: BenchCase, sets: list[tuple], mode: str, plan: TimingPlan,
-                  opts: RunOptions, candidate_ms: float) -> dict:
+                  opts: RunOptions, candidate_ms: float, candidate_graph_ms: float | None = None) -> dict:
     skip = _impl_skip_reason(impl, mode, opts)
     if skip:
         return {"status": skip}
@@ -307,6 +324,8 @@ def _anchor_entry(name: str, impl: Impl, case: BenchCase, sets: list[tuple], mod
         return {"status": f"error: {describe_error(exc)}"}
     # > 1 means the candidate is faster than this anchor.
     entry["speedup"] = entry["median_ms"] / candidate_ms if candidate_ms > 0 else None
+    if entry.get("graph_ms") and candidate_graph_ms:
+        entry["graph_speedup"] = entry["graph_ms"] / candidate_graph_ms
     return entry
 
 

@@ -59,15 +59,24 @@ def _mib(entry: dict) -> str:
     return "" if peak is None else f", {peak / 2**20:.0f} MiB"
 
 
+def _graph(entry: dict, key: str, fmt: str, unit: str) -> str:
+    value = entry.get(key)
+    return "" if value is None else f"; graph {value:{fmt}}{unit}"
+
+
 def _anchor_text(name: str, entry: dict) -> str:
     if entry.get("status") != "ok":
         return f"{name}: {entry.get('status', '?')}"
-    return f"{name} {entry['median_ms']:.3f} ms ({entry['speedup']:.2f}×{_mib(entry)})"
+    return (f"{name} {entry['median_ms']:.3f} ms ({entry['speedup']:.2f}×{_graph(entry, 'graph_speedup', '.2f', '×')}"
+            f"{_mib(entry)})")
 
 
 def _time_text(row: dict) -> str:
     t = row.get("time")
-    return "" if not t else f"{t['median_ms']:.3f} ± {(t['q75_ms'] - t['q25_ms']) / 2:.3f}{_mib(t)}"
+    if not t:
+        return ""
+    graph = _graph(t, "graph_ms", ".3f", "") or ("; graph: not capturable" if t.get("graph_status") else "")
+    return f"{t['median_ms']:.3f} ± {(t['q75_ms'] - t['q25_ms']) / 2:.3f}{graph}{_mib(t)}"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -80,7 +89,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"`{meta.get('command', '')}`",
         "",
         "Time: median ± half the interquartile range over the repetitions (ms). Speedup in brackets: anchor "
-        "time / tgolf time (> 1: tgolf faster); MiB: the device memory one call allocates at its peak. % of peak: "
+        "time / tgolf time (> 1: tgolf faster); graph: the same calls replayed from CUDA graphs (GPU time without the "
+        "host's launch overhead) and their ratio; MiB: the device memory one call allocates at its peak. % of peak: "
         "against the "
         f"{H100_NAME} limits (bf16 {H100_PEAK_FLOPS['bf16'] / 1e12:.0f}, fp8/int8 "
         f"{H100_PEAK_FLOPS['int8'] / 1e12:.0f} TFLOP/s; {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s). "

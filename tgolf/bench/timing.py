@@ -80,6 +80,27 @@ def peak_memory_bytes(call: Callable[[], object], device: torch.device) -> int |
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def time_graphed(calls: Sequence[Callable[[], object]], plan: TimingPlan) -> Timing:
+    """Time the same calls replayed from CUDA graphs (one per input set): the GPU's time without the host's.
+
+    Eager timing charges the host's launch work (Python, custom-op dispatch, Triton's launcher) whenever it is
+    slower than the GPU; a replay issues the captured kernels at once, so the difference between the two times is
+    that overhead. Each call runs once more outside the capture (on a side stream, as capture requires) first."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graphs = []
+    for call in calls:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        graphs.append(graph)
+    return _time_cuda([g.replay for g in graphs], plan)
+
+
 def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, plan: TimingPlan) -> Timing:
     """Time ``calls[i % len(calls)]()`` repeatedly (each call one input set) and summarize per-call times."""
     if not calls:
