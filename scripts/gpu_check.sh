@@ -111,7 +111,7 @@ if grep -q "FAILED tests/test_csrc.py::test_packed_mm_bad_group_size" "$DIR/pyte
 fi
 # The benchmarks get what the budget leaves once the later steps are reserved (memcheck; the training's seconds plus
 # an allowance of 150 s for its start-up, compilation, export, evaluation and report: on the first H100 run the
-# model's compilation took 61 s, and export ("best" compressor: brotli-11 alone takes ~30 s on 16 MB) with the roundtrip
+# model's compilation took 61 s, and export ("best" compressor: brotli-11 took 27 s on 16 MB on a CPU machine here) with the roundtrip
 # evaluation did not finish in the 77 s that were left), but at
 # least 30 s (on a cold machine a case takes ~12 s or more: the rest come from `GPU_CHECK_UNTIL`, or a later `tgolf.bench
 # --resume`); the training keeps its 90 s.

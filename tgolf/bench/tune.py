@@ -1,8 +1,8 @@
 """``python -m tgolf.bench.tune``: search the tiles of tgolf's Triton GEMMs on the GPU at hand.
 
 The GEMM launchers take a ``config`` (block sizes, warps, pipeline stages) whose defaults were chosen on a CPU: the
-sm_90 compile test proves them within H100's resources, not fast. On the first H100 run they reached 150–460
-TFLOP/s where cuBLAS reached 600–660 (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3). This tool times each kernel at the
+sm_90 compile test proves them within H100's resources, not fast. On the first H100 run they ran at 61–454
+TFLOP/s forward where bf16 cuBLAS ran at 542–706 (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3). This tool times each kernel at the
 contest shapes with every candidate tile, after checking that tile's output against the default tile's (exact for
 the int8 GEMM, 1e-2 relative for bf16), beside bf16 cuBLAS, and writes ``tune.json`` and ``tune.md``: per kernel and
 shape the default's time, the best tile and its time. Winners are copied into the kernels' config functions by
