@@ -55,35 +55,8 @@ DIR=$STAGE/profiles/$SLUG
 rm -rf "$STAGE" && mkdir -p "$DIR" "$OUT_DIR" || exit 1
 : > "$DIR/steps.tsv"
 
-log() { echo "$*" | tee -a "$DIR/check.log"; }
-
-# skipped NAME WHY LOGFILE : record a step that did not run, and why.
-skipped() {
-  printf '%s\tskipped (%s)\t0\t%s\n' "$1" "$2" "$3" >>"$DIR/steps.tsv"
-  log "== $1: skipped ($2)"
-}
-
-# step NAME LIMIT_S LOGFILE CMD... : run CMD under min(LIMIT_S, budget left), record status and seconds.
-step() {
-  local name=$1 limit=$2 logfile=$3
-  shift 3
-  local left=$((BUDGET - ($(date +%s) - T0)))
-  if [[ $SKIP == *" $name "* ]]; then
-    skipped "$name" GPU_CHECK_SKIP "$logfile"
-    return
-  elif ((left < 15)); then
-    skipped "$name" "budget: ${left}s left" "$logfile"
-    return
-  fi
-  ((limit > left)) && limit=$left
-  log "== $name (limit ${limit}s): $*"
-  local start=$(date +%s)
-  timeout -k 10 "$limit" "$@" >"$DIR/$logfile" 2>&1
-  local rc=$? secs=$(($(date +%s) - start)) status=ok
-  if ((rc == 124 || rc == 137)); then status=timeout; elif ((rc != 0)); then status="failed (rc $rc)"; fi
-  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$secs" "$logfile" >>"$DIR/steps.tsv"
-  tail -n 4 "$DIR/$logfile" | sed 's/^/    /' | tee -a "$DIR/check.log"
-}
+# shellcheck source=gpu_steps.sh
+source scripts/gpu_steps.sh
 
 log "tgolf GPU check → $DIR (budget ${BUDGET}s)"
 $PY -m tgolf.profile.env --command "scripts/gpu_check.sh $*" >"$DIR/env.json" 2>>"$DIR/check.log"
@@ -158,27 +131,19 @@ else
   step profile 120 profile.log $PY -m tgolf.profile "${RUN_ARGS[@]}" "${PROFILE_STEPS[@]}" --out "$DIR/profile"
 fi
 
-TOTAL="$(($(date +%s) - T0))"
+TOTAL="$(($(date +%s) - T0)) (check)"
 if ((UNTIL > 0)); then
   # After the check: resume the benchmarks with what is left of GPU_CHECK_UNTIL (a margin kept for the archive).
-  more=$((UNTIL - TOTAL - 20))
-  BUDGET=$((TOTAL + more))
+  elapsed=$(($(date +%s) - T0))
+  more=$((UNTIL - elapsed - 20))
+  BUDGET=$((elapsed + more))
   if ((more >= 45)) && [[ -f $DIR/bench/bench.json ]]; then
     step bench-more "$more" bench-more.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --resume "$DIR/bench" \
       --out "$DIR/bench" --time-budget $((more - 40))
   else
     skipped bench-more "$( [[ -f $DIR/bench/bench.json ]] && echo "${more}s left" || echo "no bench.json")" bench-more.log
   fi
-  TOTAL="$TOTAL (check) + $(($(date +%s) - T0 - TOTAL)) (bench-more)"
+  TOTAL="$TOTAL + $(($(date +%s) - T0 - elapsed)) (bench-more)"
 fi
-$PY scripts/gpu_check_summary.py "$DIR" "$TOTAL" >"$DIR/summary.md" 2>>"$DIR/check.log"
-# Files over 8 MB (a trained artifact, a long trace) stay out of the archive, which must come back whole (16 MiB);
-# large_files.txt lists them.
-(cd "$STAGE" && find profiles -type f -size +8M -printf '%p\t%s bytes\n') >"$DIR/large_files.txt"
-tar czf "$OUT_DIR/gpu_check.tar.gz" -C "$STAGE" -X <(cut -f1 "$DIR/large_files.txt") profiles
-for f in summary.md env.json check.log bench/bench.md profile/profile.md; do
-  [[ -f "$DIR/$f" ]] && cp "$DIR/$f" "$OUT_DIR/"
-done
-cat "$DIR/summary.md"
-# The exit status says whether every step that ran succeeded (skipped steps do not count).
-awk -F'\t' '$2 ~ /^(failed|timeout)/ { bad = 1 } END { exit bad }' "$DIR/steps.tsv"
+echo "$TOTAL" >"$DIR/total.txt"  # for scripts/gpu_followup.sh
+archive "$TOTAL" gpu_check env.json check.log bench/bench.md profile/profile.md

@@ -69,6 +69,16 @@ def _train(folder: Path) -> str:
             f"peak {t['peak_memory_bytes'] / 2**30:.1f} GiB, artifact {t['artifact_bytes']:,} B")
 
 
+def _tune(folder: Path) -> str:
+    path = folder / "tune" / "tune.json"
+    if not path.exists():
+        return "no tune.json"
+    rows = json.loads(path.read_text())["rows"]
+    gains = [f"{r['kernel']} K{r['K']} N{r['N']} {r['speedup_over_default']:.2f}×" for r in rows
+             if r.get("speedup_over_default")]
+    return f"{len(rows)} kernel shapes; best tile / default: " + (", ".join(gains) if gains else "none timed")
+
+
 def summary(folder: Path, total_s: str) -> str:
     env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").exists() else {}
     bench_counts, bench_lines = _bench(folder)
@@ -78,6 +88,8 @@ def summary(folder: Path, total_s: str) -> str:
         "pytest-gpu": _tail(folder / "pytest.log", r"passed|failed|error|skipped|deselected|no tests ran"),
         "bench": bench_counts,
         "bench-more": bench_counts,
+        "bench-resume": bench_counts,
+        "tune": _tune(folder),
         "profile": _profile(folder),
         "memcheck": _tail(folder / "memcheck.log", r"ERROR SUMMARY|Error|error"),
         "train": _train(folder),

@@ -65,6 +65,36 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
         assert prefix + name in names, name
 
 
+def _followup(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", **env}
+    full_env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_followup.sh"), str(tmp_path / "out2")], env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
+    # The check first (only what the follow-up needs: its bench), then the follow-up on the same stage.
+    proc, folder, _ = _run(tmp_path, "", GPU_CHECK_SKIP="wheels install info pytest-gpu profile")
+    assert _steps(folder)["bench"] == "ok", proc.stdout[-2000:]
+    proc = _followup(tmp_path)
+    steps = _steps(folder)
+    assert proc.returncode == 0, (steps, proc.stdout[-3000:], proc.stderr[-2000:])
+    assert steps["bench-resume"] == "ok" and steps["tune"] == "ok", steps
+    bench = json.loads((folder / "bench" / "bench.json").read_text())
+    assert bench["meta"]["resumed_from"].endswith("bench")
+    summary = (tmp_path / "out2" / "summary.md").read_text()
+    assert "(check) + " in summary and "(follow-up)" in summary and "kernel shapes; best tile / default" in summary
+    assert (tmp_path / "out2" / "tune.md").stat().st_size > 0
+    with tarfile.open(tmp_path / "out2" / "gpu_followup.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert f"profiles/{folder.name}/tune/tune.json" in names and f"profiles/{folder.name}/bench/bench.json" in names
+
+
+def test_followup_without_a_check_says_so(tmp_path):
+    proc = _followup(tmp_path)
+    assert proc.returncode == 2 and "no check to follow up" in proc.stderr
+
+
 def test_exhausted_budget_skips_steps_but_still_reports(tmp_path):
     proc, folder, out = _run(tmp_path, "", GPU_CHECK_BUDGET="5")
     steps = _steps(folder)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The second call of a GPU session, on the machine scripts/gpu_check.sh has just run on (still warm: its Triton,
+# inductor and fla caches make a benchmark case ~6 s instead of 12 s or more):
+#
+#   scripts/gpu_followup.sh [OUT_DIR]
+#
+# Within GPU_FOLLOWUP_SECONDS (default 230): the contest benchmarks the check's budget cut (`tgolf.bench --resume`
+# into the check's own bench/), then, with what is left, the Triton GEMMs' tile search (`tgolf.bench.tune`, into
+# tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
+# comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
+# bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
+#
+# GPU_CHECK_DEVICE=cpu rehearses it after a CPU rehearsal of the check (tests/test_gpu_check.py).
+# Exit status 0 when every step that ran succeeded, 1 when one failed or timed out, 2 when there is no check to
+# follow up.
+set -u -o pipefail
+OUT_DIR=$(realpath -m "${1:-${OUT:-gpu_check_out}}")
+cd "$(dirname "$0")/.." || exit 1
+PY=${PYTHON:-python3}
+BUDGET=${GPU_FOLLOWUP_SECONDS:-230}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+SKIP=" ${GPU_CHECK_SKIP:-} "
+case $DEVICE in
+  cuda) BENCH_ARGS=(--shapes contest --device cuda); TUNE_ENV=() ;;
+  cpu) BENCH_ARGS=(--shapes quick --device cpu --no-compile); TUNE_ENV=(TRITON_INTERPRET=1) ;;
+  *) echo "GPU_CHECK_DEVICE=$DEVICE: expected cuda or cpu" >&2; exit 2 ;;
+esac
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1
+STAGE=${TMPDIR:-/tmp}/tgolf_gpu_check
+DIR=$(find "$STAGE/profiles" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | head -n 1)
+if [[ -z $DIR || ! -f $DIR/bench/bench.json ]]; then
+  echo "gpu_followup: no check to follow up under $STAGE/profiles (run scripts/gpu_check.sh first, on this machine)" >&2
+  exit 2
+fi
+[[ -d $STAGE/site ]] && export PYTHONPATH=$STAGE/site${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$OUT_DIR" || exit 1
+# shellcheck source=gpu_steps.sh
+source scripts/gpu_steps.sh
+
+log "tgolf GPU follow-up → $DIR (budget ${BUDGET}s)"
+# The benchmarks first (what the kernel issues wait for), three quarters of the budget at most; 40 s of it is the
+# margin for the case in flight when the time budget passes.
+limit=$((BUDGET * 3 / 4))
+step bench-resume "$limit" bench-resume.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --resume "$DIR/bench" \
+  --out "$DIR/bench" --time-budget $((limit > 41 ? limit - 40 : 1))
+left=$((BUDGET - ($(date +%s) - T0) - 20))
+step tune "$left" tune.log env "${TUNE_ENV[@]}" $PY -m tgolf.bench.tune --device "$DEVICE" --out "$DIR/tune" \
+  --time-budget $((left > 31 ? left - 30 : 1))
+archive "$(cat "$DIR/total.txt" 2>/dev/null || echo "? (check)") + $(($(date +%s) - T0)) (follow-up)" gpu_followup \
+  bench/bench.md tune/tune.md
