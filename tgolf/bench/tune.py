@@ -1,12 +1,12 @@
 """``python -m tgolf.bench.tune``: search the tiles of tgolf's Triton GEMMs on the GPU at hand.
 
 The GEMM launchers take a ``config`` (block sizes, warps, pipeline stages) whose defaults were chosen on a CPU: the
-sm_90 compile test proves them within H100's resources, not fast. On the first H100 run they ran at 61–454
-TFLOP/s forward where bf16 cuBLAS ran at 542–706 (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3). This tool times each kernel at the
-contest shapes with every candidate tile, after checking that tile's output against the default tile's (exact for
-the int8 GEMM, 1e-2 relative for bf16), beside bf16 cuBLAS, and writes ``tune.json`` and ``tune.md``: per kernel and
-shape the default's time, the best tile and its time. Winners are copied into the kernels' config functions by
-hand, with the run committed under ``profiles/``.
+sm_90 compile test proves them within H100's resources, not fast. On the first H100 run they ran at 61–454 TFLOP/s
+forward where bf16 cuBLAS ran at 542–706 (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3). This tool times each kernel
+at the contest shapes with every candidate tile, after checking that tile's output against the default tile's
+(exact for the int8 GEMM, 1e-2 relative for bf16), beside bf16 cuBLAS, and writes ``tune.json`` and ``tune.md``:
+per kernel and shape the default's time, the best tile and its time. Winners are copied into the kernels' config
+functions by hand, with the run committed under ``profiles/``.
 
     python -m tgolf.bench.tune --kernels int8_mm,ternary_mm,qat_matmul --out tune_out
 """
@@ -125,8 +125,7 @@ def tune_shape(tunable: Tunable, m: int, k: int, n: int, device: torch.device, t
     except Exception as exc:  # the default itself failing is the finding
         row["status"] = f"error: default tile: {describe_error(exc)}"
         return row
-    x_bf16, w_bf16 = torch.randn(m, k, device=device).to(torch.bfloat16), torch.randn(n, k, device=device)
-    w_bf16 = w_bf16.to(torch.bfloat16)
+    x_bf16, w_bf16 = (torch.randn(rows, k, device=device).to(torch.bfloat16) for rows in (m, n))
     row["cublas_bf16_ms"] = _timed(lambda: F.linear(x_bf16, w_bf16), device, plan)
     for cfg in tunable.configs(tiles):
         entry: dict = {"config": cfg}

@@ -58,7 +58,7 @@ class TernaryLinear(nn.Linear):
         self.group_size = group_size
         self.act_bits = act_bits
         self.gemm = gemm
-        self._cache: tuple | None = None  # (key, codes, scales, packed)
+        self._cache: tuple | None = None  # (key, (codes, scales, packed))
         self._dense: tuple | None = None  # (key, dense weight in the compute dtype)
 
     def _cache_key(self) -> tuple | None:
@@ -73,17 +73,24 @@ class TernaryLinear(nn.Linear):
         """Forget the cached quantization (after writing the weight through ``weight.data``)."""
         self._cache = self._dense = None
 
+    def _memo(self, slot: str, extra, make):
+        """``make()`` once per weight update (and per ``extra``), kept in the attribute ``slot`` as (key, value);
+        recomputed every call under torch.compile (no Python-side state can be trusted inside the graph) and for
+        weights without a version counter."""
+        if torch.compiler.is_compiling():
+            return make()
+        key = self._cache_key()
+        cached = getattr(self, slot)
+        if key is not None and cached is not None and cached[0] == (key, extra):
+            return cached[1]
+        with torch.no_grad():
+            value = make()
+        setattr(self, slot, None if key is None else ((key, extra), value))
+        return value
+
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes int8 [N, K], scales f32 [N, G], packed uint8 [N, ⌈K/4⌉]) of the current weight."""
-        if torch.compiler.is_compiling():
-            return ternary_quantize(self.weight, self.group_size)
-        key = self._cache_key()
-        if key is None or self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                quantized = ternary_quantize(self.weight, self.group_size)
-            self._cache = None if key is None else (key, *quantized)
-            return quantized
-        return self._cache[1:]
+        return self._memo("_cache", None, lambda: ternary_quantize(self.weight, self.group_size))
 
     def ternary_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes int8 [N, K] in {-1, 0, 1}, scales float32 [N, G] exactly representable in fp16)."""
@@ -105,15 +112,7 @@ class TernaryLinear(nn.Linear):
 
     def _dense_weight(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight in ``dtype``, made once per weight update (like the codes) and per dtype."""
-        if torch.compiler.is_compiling():
-            return dense_weight(codes, scales, self.group_size, dtype)
-        key = (self._cache_key(), dtype)
-        if key[0] is None or self._dense is None or self._dense[0] != key:
-            with torch.no_grad():
-                weight = dense_weight(codes, scales, self.group_size, dtype)
-            self._dense = None if key[0] is None else (key, weight)
-            return weight
-        return self._dense[1]
+        return self._memo("_dense", dtype, lambda: dense_weight(codes, scales, self.group_size, dtype))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}, act_bits={self.act_bits}, gemm={self.gemm!r}"

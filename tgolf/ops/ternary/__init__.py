@@ -64,9 +64,10 @@ _CUDA_PACKED_GROUP = 64  # the packed CUDA kernel's group sizes: 0 (per row) or 
 _CUDA_PACKED_MAX_M = 64 * 65535
 _CUDA_INT8_MAX_M = 128 * 65535
 
-__all__ = ["ternary_linear", "ternary_linear_quantized", "dense_weight", "default_gemm", "check_gemm", "TERNARY_GEMMS", "ternary_quantize", "packed_matmul", "int8_linear",
-           "pack2", "unpack2", "quantize_ternary", "dequantize_ternary", "quantize_activations_int8",
-           "ternary_linear_reference", "PACKED_MAX_M"]
+__all__ = ["ternary_linear", "ternary_linear_quantized", "dense_weight", "default_gemm", "check_gemm",
+           "TERNARY_GEMMS", "ternary_quantize", "packed_matmul", "int8_linear", "pack2", "unpack2",
+           "quantize_ternary", "dequantize_ternary", "quantize_activations_int8", "ternary_linear_reference",
+           "PACKED_MAX_M"]
 
 
 def _kernels():
@@ -372,7 +373,7 @@ def ternary_quantize(weight: torch.Tensor, group_size: int | None = None):
 
 
 def dense_weight(codes: torch.Tensor, scales: torch.Tensor, group_size: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """codes × scales as a dense weight in ``dtype``: what the "dense" GEMMs multiply by (cache it per weight update)."""
+    """codes × scales as a dense weight in ``dtype``: what the "dense" GEMMs multiply by (cache it per update)."""
     gs = None if group_size is None or group_size >= codes.shape[1] else group_size
     return dequantize_ternary(codes, scales, gs).to(dtype)
 
