@@ -198,6 +198,43 @@ def test_warmup_restores_model_optimizer_and_data(tmp_path, tiny_shards):
     assert all(len(opt.state) == 0 for opt in trainer.optimizers)  # fresh optimizers again
 
 
+# --- compilation --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("has_cap, env, setting, expected", [
+    (False, None, "auto", {"triton.mix_order_reduction": False}),  # torch 2.11: the fusion spills (pytorch#179423)
+    (True, None, "auto", {}),  # a torch with the fix keeps its default
+    (False, "1", "auto", {}),  # the user's TORCHINDUCTOR_MIX_ORDER_REDUCTION wins over auto
+    (False, None, "on", {"triton.mix_order_reduction": True}),
+    (True, None, "off", {"triton.mix_order_reduction": False}),
+])
+def test_mix_order_reduction_setting(monkeypatch, has_cap, env, setting, expected):
+    import torch._inductor.config as inductor_config
+
+    from tgolf.train.loop import inductor_options
+    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True, raising=False)
+    if has_cap:
+        monkeypatch.setattr(inductor_config.triton, "mix_order_reduction_max_reads", 8, raising=False)
+    else:
+        monkeypatch.delattr(inductor_config.triton, "mix_order_reduction_max_reads", raising=False)
+    if env is None:
+        monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", env)
+    assert inductor_options(Config(mix_order_reduction=setting)) == expected
+
+
+def test_compiled_model_with_the_fusion_off_matches_eager():
+    from tgolf.train.loop import compile_model
+    cfg = Config(**{**TINY, "compile": "on", "mix_order_reduction": "off"}).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    compiled = compile_model(cfg, model, torch.device("cpu"))
+    assert compiled is not model
+    torch.testing.assert_close(compiled(x, x), model(x, x), rtol=1e-4, atol=1e-4)
+    assert compile_model(Config(**{**TINY, "compile": "off"}), model, torch.device("cpu")) is model
+
+
 # --- profiled window ----------------------------------------------------------------------------------------
 
 def test_profiled_window_records_those_steps_for_the_report(tmp_path, tiny_shards):

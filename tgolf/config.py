@@ -38,6 +38,7 @@ class Config:
     out_dir: str = "runs"  # run folder = out_dir/run_id
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA, off for CPU) | on | off
+    mix_order_reduction: str = "auto"  # inductor norm-backward fusion: auto (off without pytorch#179423 fix) | on | off
 
     # --- budget and schedule ----------------------------------------------------------------
     iterations: int = 20000
@@ -121,6 +122,7 @@ class Config:
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
             "export_embed_scheme": ("", *EXPORT_SCHEMES),
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
+            "mix_order_reduction": ("auto", "on", "off"),
             "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS,
         }
         for name, allowed in choices.items():

@@ -121,7 +121,7 @@ def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
     over both, and ``nsys_steps=(a, b)`` brackets steps a..b (inclusive) with cudaProfilerStart/Stop."""
     from tgolf.model import build_model, count_parameters
     from tgolf.train.distributed import DistEnv
-    from tgolf.train.loop import grad_accum_steps, make_train_step, use_compile
+    from tgolf.train.loop import compile_model, grad_accum_steps, make_train_step
     from tgolf.train.optim import apply_schedule, build_optimizers, muon_momentum
 
     enable_ranges(True)
@@ -130,7 +130,7 @@ def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
     model = build_model(cfg).to(device)
     params = count_parameters(model)
     accum = grad_accum_steps(cfg, 1)
-    net = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(cfg, device) else model
+    net = compile_model(cfg, model, device)
     train_step = make_train_step(cfg, net, DistEnv(0, 1, 0, device), accum)
     optimizers = build_optimizers(cfg, model)
     next_batch = _batches(cfg, device, accum)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -63,6 +64,37 @@ def use_compile(cfg: Config, device: torch.device) -> bool:
     return cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
 
 
+def inductor_options(cfg: Config) -> dict[str, bool]:
+    """Inductor settings for compiling the model.
+
+    Inductor (torch ≥ 2.10) fuses each RMSNorm backward with the column sums of the per-channel parameters
+    (``attn_scale``, ``mlp_scale``, ``resid_mix``) into one "mix-order reduction" kernel. Without a cap on the loads
+    such a kernel absorbs, it spills registers on this very model (pytorch#179423, found on a Parameter Golf
+    model; the cap ``triton.mix_order_reduction_max_reads`` came with its fix). tgolf's H100 profile on torch 2.11
+    (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3) shows it: two such kernels (grid 2048 × 64 threads, 32
+    registers) took 4.4 and 3.8 ms per micro-batch, 36% of the step with the other norm kernels, where their
+    bytes cost tens of µs. So "auto" turns the fusion off where torch lacks the cap, and leaves torch's default
+    (or an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION) alone elsewhere.
+    """
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "mix_order_reduction"):  # a torch before the fusion existed
+        return {}
+    if cfg.mix_order_reduction == "auto":
+        if ("TORCHINDUCTOR_MIX_ORDER_REDUCTION" in os.environ
+                or hasattr(inductor_config.triton, "mix_order_reduction_max_reads")):
+            return {}
+        return {"triton.mix_order_reduction": False}
+    return {"triton.mix_order_reduction": cfg.mix_order_reduction == "on"}
+
+
+def compile_model(cfg: Config, model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` compiled whole (static shapes, no graph breaks) when ``cfg.compile`` asks for it, else itself."""
+    if not use_compile(cfg, device):
+        return model
+    return torch.compile(model, dynamic=False, fullgraph=True, options=inductor_options(cfg) or None)
+
+
 def make_train_step(cfg: Config, model: nn.Module, env: DistEnv, accum: int) -> Callable[[list], torch.Tensor]:
     """step(micro_batches) runs forward and backward over ``accum`` (x, y) pairs; returns the mean loss (tensor)."""
     ddp = isinstance(model, DistributedDataParallel)
@@ -117,7 +149,7 @@ class Trainer:
             raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} over world_size={env.world_size} × "
                              f"grad_accum_steps={self.accum} gives {micro_tokens} tokens per micro-batch, "
                              f"not a positive multiple of train_seq_len={cfg.train_seq_len}")
-        net = torch.compile(model, dynamic=False, fullgraph=True) if use_compile(cfg, env.device) else model
+        net = compile_model(cfg, model, env.device)
         if env.enabled:
             # no buffer broadcast per forward: the only buffers (RoPE tables) are identical on every rank
             net = DistributedDataParallel(net, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
