@@ -144,6 +144,30 @@ def test_loader_resume_continues_identically(counter_shards):
         TokenLoader(counter_shards, seed=4).load_state_dict(state)
 
 
+def test_next_batches_equal_as_many_next_batch_calls(counter_shards):
+    one, many = (TokenLoader(counter_shards, rank=1, world_size=2, seed=2) for _ in range(2))
+    for _ in range(6):  # crosses epochs
+        expected = [one.next_batch(256, 32, 2) for _ in range(2)]
+        got = many.next_batches(256, 32, 2)
+        assert len(got) == 2
+        for (x, y), (u, v) in zip(expected, got):
+            assert torch.equal(x, u) and torch.equal(y, v) and u.shape == (2, 32)
+    assert one.state_dict() == many.state_dict()
+    assert len(many.next_batches(256, 32, 2, count=5)) == 5
+
+
+@pytest.mark.gpu
+def test_next_batches_on_cuda_reuse_one_pinned_buffer(counter_shards):
+    """Each step's tokens reach the GPU intact although the pinned buffer is rewritten for the next step."""
+    cpu, gpu = (TokenLoader(counter_shards, seed=4) for _ in range(2))
+    steps = [gpu.next_batches(512, 32, 4, device="cuda") for _ in range(5)]  # no synchronisation in between
+    buffer = gpu._staging._host
+    for step in steps:
+        for (x, y), (u, v) in zip(cpu.next_batches(512, 32, 4), step):
+            assert u.is_cuda and torch.equal(x, u.cpu()) and torch.equal(y, v.cpu())
+    assert buffer is gpu._staging._host and buffer.is_pinned()
+
+
 def test_loader_bad_batch_shapes(counter_shards):
     loader = TokenLoader(counter_shards, rank=0, world_size=3)
     with pytest.raises(ValueError, match="not divisible by world_size"):

@@ -23,6 +23,7 @@ def cpu_run(tmp_path_factory):
 
 
 def _assert_adds_up(report: dict) -> None:
+    assert sum(report["idle_by_host_ms"].values()) == pytest.approx(report["mean_ms_per_category"]["idle"])
     for step in report["steps"]:
         assert sum(step["categories"].values()) == pytest.approx(step["ms"], rel=1e-9, abs=1e-9)
     assert sum(report["totals_ms"].values()) == pytest.approx(report["total_ms"], rel=1e-9)
@@ -101,6 +102,9 @@ def test_gpu_trace_accounting_with_ranges_streams_and_idle(tmp_path):
     assert us["optimizer"] == 10 and us["communication"] == 5 and us["elementwise"] == 10
     assert us["idle"] == 100 - 55
     assert sum(us.values()) == pytest.approx(100)
+    # The GPU waited 0..10, 35..40, 45..50 outside any range, 50..60 and 75..80 in the optimizer, 80..90 after it.
+    idle = {k: round(v * 1e3, 6) for k, v in step.idle_by_host.items()}
+    assert idle == {"(outside any range)": 30, "optimizer": 15}
 
 
 H100_PROPS = {"id": 0, "name": "NVIDIA H100 80GB HBM3", "totalGlobalMem": 85017493504, "computeMajor": 9,
@@ -157,6 +161,7 @@ def test_gpu_trace_counts_each_step_once_and_leaves_start_up_out(tmp_path):
     per_step = report["mean_ms_per_category"]
     assert per_step["gemm"] == pytest.approx(0.05) and per_step["optimizer"] == pytest.approx(0.01)
     assert per_step["idle"] == pytest.approx(0.04)  # not the start-up step's 0.44
+    assert report["idle_by_host_ms"] == pytest.approx({"(outside any range)": 0.03, "optimizer": 0.01})
     assert report["mfu_pct"] == pytest.approx(100 * 1e9 / 1e-4 / 989e12)
     assert report["top"][0]["ms_per_step"] == pytest.approx(0.05)  # per kept step, not summed over all spans
     md = (out / "profile.md").read_text()

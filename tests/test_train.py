@@ -156,16 +156,16 @@ def test_resume_continues_exactly(tmp_path, tiny_shards):
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, tiny_shards):
     trainer = _trainer(tmp_path, tiny_shards, iterations=50)
-    original = trainer.loader.next_batch
+    original = trainer.loader.next_batches
     calls = {"n": 0}
 
-    def next_batch(*args, **kwargs):
+    def next_batches(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2 * 3:  # during step 3 (two micro-batches per step)
+        if calls["n"] == 3:  # during step 3 (one call per step)
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args, **kwargs)
 
-    trainer.loader.next_batch = next_batch
+    trainer.loader.next_batches = next_batches
     with pytest.raises(Preempted):
         trainer.run()
     resumed = _trainer(tmp_path / "r", tiny_shards, iterations=6)

@@ -36,6 +36,32 @@ def resolve_files(files: str | os.PathLike | Sequence[str | os.PathLike], split:
     return paths
 
 
+class PinnedStaging:
+    """One page-locked host buffer, reused for every host-to-device copy of training tokens.
+
+    Pinning a fresh tensor per copy (``tensor.pin_memory()``) allocates page-locked memory each time: on the H100
+    of profiles/2026-11-27-NVIDIA-H100-80GB-HBM3 that cost ~5 ms per 512 KB micro-batch, 92 ms of a 456 ms step
+    with the GPU idle. The buffer is rewritten only after its previous copy has completed (a CUDA event), so a
+    non-blocking copy never reads tokens of the next step.
+    """
+
+    def __init__(self) -> None:
+        self._host: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def to_device(self, tokens: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._host is None or self._host.numel() < tokens.numel() or self._host.dtype != tokens.dtype:
+            self._host = torch.empty(tokens.numel(), dtype=tokens.dtype, pin_memory=True)
+        host = self._host[:tokens.numel()].view(tokens.shape)
+        host.copy_(tokens)
+        out = host.to(device, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record(torch.cuda.current_stream(device))
+        return out
+
+
 class TokenLoader:
     """Deterministic, resumable per-rank batches of ``(x, y)`` int64 tensors [B, seq_len]."""
 
@@ -53,6 +79,7 @@ class TokenLoader:
         self._order = self._epoch_order(0)
         self._cache: tuple[int, np.ndarray] | None = None
         self._checked: set[int] = set()  # shards whose token ids were scanned against vocab_size
+        self._staging = PinnedStaging()
 
     # ---- stream position --------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -105,16 +132,26 @@ class TokenLoader:
     def next_batch(self, global_batch_tokens: int, seq_len: int, grad_accum_steps: int = 1,
                    device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One micro-step: this rank's ``(x, y)`` of shape [local_tokens // seq_len, seq_len], int64."""
+        return self.next_batches(global_batch_tokens, seq_len, grad_accum_steps, device, count=1)[0]
+
+    def next_batches(self, global_batch_tokens: int, seq_len: int, grad_accum_steps: int = 1,
+                     device: torch.device | str | None = None,
+                     count: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``count`` micro-steps (default ``grad_accum_steps``: one optimizer step), equal to as many
+        ``next_batch`` calls, moved to ``device`` in one host-to-device copy."""
+        count = grad_accum_steps if count is None else count
         span = self.local_tokens(global_batch_tokens, seq_len, grad_accum_steps) + 1
-        self._step(self.rank * span, None)
-        buf = torch.from_numpy(self.take(span))
-        self._step((self.world_size - self.rank - 1) * span, None)
-        x, y = buf[:-1].view(-1, seq_len), buf[1:].view(-1, seq_len)
+        rows = np.empty((count, span), dtype=np.int64)
+        for row in rows:
+            self._step(self.rank * span, None)
+            row[:] = self.take(span)
+            self._step((self.world_size - self.rank - 1) * span, None)
+        buf = torch.from_numpy(rows)
         if device is not None and torch.device(device).type == "cuda":
-            x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+            buf = self._staging.to_device(buf, torch.device(device))
         elif device is not None:
-            x, y = x.to(device), y.to(device)
-        return x, y
+            buf = buf.to(device)
+        return [(row[:-1].view(-1, seq_len), row[1:].view(-1, seq_len)) for row in buf]
 
     # ---- resume -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -59,6 +59,10 @@ def summarize(analysis: TraceAnalysis | None, meta: dict, step_ms: list[float] |
             for key, ms in s.kernels.items():
                 kernels[key] = kernels.get(key, 0.0) + ms
         ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+        idle_by_host: dict[str, float] = {}
+        for s in kept:
+            for name, ms in s.idle_by_host.items():
+                idle_by_host[name] = idle_by_host.get(name, 0.0) + ms
         out.update(
             source=analysis.source,
             steps=[{"step": s.step, "ms": s.ms, "categories": s.categories, "excluded": i in excluded}
@@ -72,6 +76,7 @@ def summarize(analysis: TraceAnalysis | None, meta: dict, step_ms: list[float] |
             mean_ms_per_category={c: totals[c] / n for c in ORDER},
             share_pct={c: 100 * totals[c] / total if total else 0.0 for c in ORDER},
             top=[{"category": c, "name": name, "ms_per_step": ms / n} for (c, name), ms in ranked],
+            idle_by_host_ms={name: ms / n for name, ms in sorted(idle_by_host.items(), key=lambda kv: -kv[1])},
         )
         step_s = out["mean_step_ms"] / 1e3
     flops = meta.get("flops_per_step")
@@ -152,6 +157,10 @@ def markdown(summary: dict, env: dict) -> str:
             flag = " (start-up, left out)" if s["excluded"] else ""
             lines.append(f"| {s['step']}{flag} | {s['ms']:.2f} | "
                          + " | ".join(f"{s['categories'][c]:.2f}" for c in ORDER) + " |")
+        lines += ["", f"Idle time by the innermost host range open meanwhile (what the loop was doing while the "
+                  f"{summary['source'].upper()} waited; mean per kept step):", "", "| host range | idle ms per step |",
+                  "|---|---|"]
+        lines += [f"| {name} | {ms:.3f} |" for name, ms in summary["idle_by_host_ms"].items()]
         lines += ["", "Top kernels/operators by attributed time (mean per kept step):", "",
                   "| category | name | ms per step |", "|---|---|---|"]
         for t in summary["top"]:

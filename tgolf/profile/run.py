@@ -46,8 +46,9 @@ def train_flops_per_token(cfg: Config, params: int) -> float:
     return 6.0 * params + 6.0 * cfg.num_layers * cfg.train_seq_len * cfg.model_dim
 
 
-def _batches(cfg: Config, device: torch.device, accum: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-    """One micro-batch (x, y): from the shards in cfg.data_path, else uniform random tokens (no data needed)."""
+def _step_batches(cfg: Config, device: torch.device,
+                  accum: int) -> Callable[[], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """One step's ``accum`` micro-batches (x, y): from the shards in cfg.data_path, else uniform random tokens."""
     micro_tokens = cfg.train_batch_tokens // accum
     if micro_tokens < cfg.train_seq_len or micro_tokens % cfg.train_seq_len:
         raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} / grad_accum_steps={accum} = {micro_tokens} "
@@ -56,14 +57,14 @@ def _batches(cfg: Config, device: torch.device, accum: int) -> Callable[[], tupl
         from tgolf.data.loader import TokenLoader
 
         loader = TokenLoader(cfg.data_path, seed=cfg.seed, vocab_size=cfg.vocab_size)
-        return lambda: loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum, device)
+        return lambda: loader.next_batches(cfg.train_batch_tokens, cfg.train_seq_len, accum, device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     rows = micro_tokens // cfg.train_seq_len
 
-    def random_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        buf = torch.randint(0, cfg.vocab_size, (rows, cfg.train_seq_len + 1), generator=gen, device=device)
-        return buf[:, :-1], buf[:, 1:]
-    return random_batch
+    def random_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        buf = torch.randint(0, cfg.vocab_size, (accum, rows, cfg.train_seq_len + 1), generator=gen, device=device)
+        return [(b[:, :-1], b[:, 1:]) for b in buf]
+    return random_batches
 
 
 def run_meta(cfg: Config, device: torch.device, params: int, accum: int, world_size: int) -> dict:
@@ -133,14 +134,14 @@ def profile_training(cfg: Config, steps: int, warmup: int, out_dir: Path,
     net = compile_model(cfg, model, device)
     train_step = make_train_step(cfg, net, DistEnv(0, 1, 0, device), accum)
     optimizers = build_optimizers(cfg, model)
-    next_batch = _batches(cfg, device, accum)
+    step_batches = _step_batches(cfg, device, accum)
     cuda = device.type == "cuda"
 
     def one_step(i: int) -> float:
         t0 = time.perf_counter()
         with record_function(f"tgolf_step#{i}"):
             with nvtx_range("data"):
-                micro = [next_batch() for _ in range(accum)]
+                micro = step_batches()
             loss = train_step(micro)
             with nvtx_range("optimizer"):
                 apply_schedule(optimizers, 1.0, muon_momentum(cfg, i))

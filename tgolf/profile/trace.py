@@ -28,6 +28,7 @@ DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 HOST_CATS = ("cpu_op",)
 RANGE_CATS = ("user_annotation",)
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")
+NO_RANGE = "(outside any range)"
 
 
 @dataclass
@@ -46,6 +47,7 @@ class StepTimes:
     ms: float
     categories: dict[str, float]  # ms per category, IDLE included; sums to ms
     kernels: dict[tuple[str, str], float] = field(default_factory=dict)  # (category, name) → attributed ms
+    idle_by_host: dict[str, float] = field(default_factory=dict)  # innermost host range → idle ms; sums to idle
 
 
 @dataclass
@@ -120,29 +122,56 @@ def _enclosing(queries: list[tuple[float, object]], ranges: list[Event]) -> list
     return result
 
 
-def _attribute(window: tuple[float, float], busy: list[tuple[float, float, str, str]],
-               top: dict[tuple[str, str], float]) -> dict[str, float]:
-    """Sweep one window; busy = (start, end, category, name) already clipped to the window. Returns µs per category
-    and adds each (category, name)'s µs to ``top``."""
+def _innermost(window: tuple[float, float], spans: list[tuple[float, float]]):
+    """Cut ``window`` at every span boundary; yield (start, end, index of the innermost span covering the slice —
+    the latest to start, then the shortest — or None). Spans are already clipped to the window."""
     lo, hi = window
-    out = {c: 0.0 for c in (*CATEGORIES, IDLE)}
-    busy = sorted(busy, key=lambda e: (e[0], e[1]))
-    bounds = sorted({lo, hi, *(e[0] for e in busy), *(e[1] for e in busy)})
-    heap: list[tuple[float, float, int]] = []  # (-start, end, index): latest start first, then shortest
+    order = sorted(range(len(spans)), key=lambda i: spans[i])
+    bounds = sorted({lo, hi, *(s for s, _ in spans), *(e for _, e in spans)})
+    heap: list[tuple[float, float, int]] = []  # (-start, end, index)
     k = 0
     for a, b in zip(bounds, bounds[1:]):
-        while k < len(busy) and busy[k][0] <= a:
-            heapq.heappush(heap, (-busy[k][0], busy[k][1], k))
+        while k < len(order) and spans[order[k]][0] <= a:
+            i = order[k]
+            heapq.heappush(heap, (-spans[i][0], spans[i][1], i))
             k += 1
         while heap and heap[0][1] <= a:
             heapq.heappop(heap)
-        if heap:
-            _, _, idx = heap[0]
+        yield a, b, (heap[0][2] if heap else None)
+
+
+def _attribute(window: tuple[float, float], busy: list[tuple[float, float, str, str]],
+               top: dict[tuple[str, str], float]) -> tuple[dict[str, float], list[tuple[float, float]]]:
+    """Sweep one window; busy = (start, end, category, name) already clipped to the window. Returns µs per category
+    and the idle slices; adds each (category, name)'s µs to ``top``."""
+    out = {c: 0.0 for c in (*CATEGORIES, IDLE)}
+    idle: list[tuple[float, float]] = []
+    for a, b, idx in _innermost(window, [(e[0], e[1]) for e in busy]):
+        if idx is None:
+            out[IDLE] += b - a
+            idle.append((a, b))
+        else:
             out[busy[idx][2]] += b - a
             top[(busy[idx][2], busy[idx][3])] += b - a
-        else:
-            out[IDLE] += b - a
-    return out
+    return out, idle
+
+
+def _idle_by_host(window: tuple[float, float], idle: list[tuple[float, float]],
+                  host: list[tuple[float, float, str]]) -> dict[str, float]:
+    """µs of the idle slices by the innermost host range open at the time (what the loop was doing while the
+    GPU waited: ``data``, ``optimizer``, …), or NO_RANGE outside them."""
+    pieces = [(a, b, host[i][2] if i is not None else NO_RANGE)
+              for a, b, i in _innermost(window, [(s, e) for s, e, _ in host])]
+    out: dict[str, float] = defaultdict(float)
+    j = 0
+    for a, b in idle:  # both lists are sorted and disjoint: one merge pass
+        while j < len(pieces) and pieces[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(pieces) and pieces[k][0] < b:
+            out[pieces[k][2]] += min(b, pieces[k][1]) - max(a, pieces[k][0])
+            k += 1
+    return dict(out)
 
 
 def step_windows(events: list[Event]) -> list[tuple[int, Event]]:
@@ -187,7 +216,10 @@ def analyze(events: list[Event]) -> TraceAnalysis:
         lo, hi = window.start, window.end
         clipped = [(max(s, lo), min(t, hi), c, n) for s, t, c, n in labelled if t > lo and s < hi]
         top: dict[tuple[str, str], float] = defaultdict(float)
-        per_cat = _attribute((lo, hi), clipped, top)
+        per_cat, idle = _attribute((lo, hi), clipped, top)
+        host = [(max(r.start, lo), min(r.end, hi), r.name) for r in ranges
+                if r.tid == window.tid and r.end > lo and r.start < hi]
         results.append(StepTimes(number, (hi - lo) / 1e3, {c: us / 1e3 for c, us in per_cat.items()},
-                                 {key: us / 1e3 for key, us in top.items()}))
+                                 {key: us / 1e3 for key, us in top.items()},
+                                 {name: us / 1e3 for name, us in _idle_by_host((lo, hi), idle, host).items()}))
     return TraceAnalysis(source, results)

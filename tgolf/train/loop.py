@@ -174,8 +174,8 @@ class Trainer:
     # --- pieces -------------------------------------------------------------------------------
     def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         with nvtx_range("data"):
-            return [self.loader.next_batch(self.cfg.train_batch_tokens, self.cfg.train_seq_len, self.accum,
-                                           self.env.device) for _ in range(self.accum)]
+            return self.loader.next_batches(self.cfg.train_batch_tokens, self.cfg.train_seq_len, self.accum,
+                                            self.env.device)
 
     def _optimizer_step(self, scale: float) -> None:
         with nvtx_range("optimizer"):
