@@ -78,9 +78,10 @@ XDIST=()
 step pytest-gpu 110 pytest.log $PY -m pytest -m gpu -v -p no:cacheprovider --durations=15 "${XDIST[@]}"
 # On the first H100 run a TORCH_CHECK thrown by the extension crashed its process (segmentation fault): when the
 # test that makes that call fails again, its backtrace under cuda-gdb says where.
-if grep -q "FAILED tests/test_csrc.py::test_packed_mm_bad_group_size" "$DIR/pytest.log" && command -v cuda-gdb >/dev/null; then
+if grep -q "FAILED tests/test_csrc.py::test_cuda_ops_raise_clear_errors\[group_size" "$DIR/pytest.log" \
+    && command -v cuda-gdb >/dev/null; then
   step crash-backtrace 60 crash_backtrace.log cuda-gdb -batch -ex run -ex bt --args \
-    $PY -c "from tests.test_csrc import _BAD_GROUP_SIZE_CALL as call; exec(call)"
+    $PY -c "import sys; sys.argv = ['-c', 'group_size']; from tests.test_csrc import _BAD_CALL as call; exec(call)"
 fi
 # The benchmarks get what the budget leaves once the later steps are reserved (memcheck; the training's seconds plus
 # an allowance of 150 s for its start-up, compilation, export, evaluation and report: on the first H100 run the

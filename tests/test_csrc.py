@@ -147,15 +147,25 @@ def test_packed_mm_unaligned_inputs():
     assert _rel(out, ternary_packed_mm_reference(x, packed, scales, 0)) < 4e-3
 
 
-_BAD_GROUP_SIZE_CALL = """
+_BAD_CALL = """
+import sys
 import torch, tgolf
 from tgolf import _extension
 from tgolf.ops.ternary.packing import pack2
 _extension.load()
 x = torch.randn(2, 200, device="cuda").to(torch.bfloat16)
 codes = torch.randint(-1, 2, (8, 200), dtype=torch.int8, device="cuda")
+calls = {
+    "group_size": lambda: torch.ops.tgolf.ternary_packed_mm_cuda(x, pack2(codes), torch.ones(8, 2, device="cuda"),
+                                                                 100),
+    "dtype": lambda: torch.ops.tgolf.ternary_packed_mm_cuda(x, pack2(codes), torch.ones(8, 1, device="cuda").double(),
+                                                            0),
+    "shape": lambda: torch.ops.tgolf.ternary_int8_linear_cuda(x, codes[:, :100], torch.ones(8, device="cuda")),
+    "layout": lambda: torch.ops.tgolf.softcap_ce_chunk_cuda(torch.randn(4, 6, device="cuda").t(),
+                                                            torch.zeros(6, dtype=torch.long, device="cuda"), 30.0, 1.0),
+}
 try:
-    torch.ops.tgolf.ternary_packed_mm_cuda(x, pack2(codes), torch.ones(8, 2, device="cuda"), 100)
+    calls[sys.argv[1]]()
     print("no error")
 except RuntimeError as err:
     print("raised:", str(err).splitlines()[0])
@@ -163,12 +173,15 @@ except RuntimeError as err:
 
 
 @pytest.mark.gpu
-def test_packed_mm_bad_group_size():
-    # In a child process: on the first H100 run (2026-11-27, torch 2.11, extension built there) this call crashed
-    # the pytest worker with a segmentation fault instead of raising; a crash must fail this test, not the run.
-    proc = subprocess.run([sys.executable, "-c", _BAD_GROUP_SIZE_CALL], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("case, fragment", [("group_size", "group_size must be"), ("dtype", "scales must have dtype"),
+                                            ("shape", "codes must be [N, K]"), ("layout", "contiguous 2-D")])
+def test_cuda_ops_raise_clear_errors(case, fragment):
+    # Each call in a child process: on the first H100 run (2026-11-27, torch 2.11, extension built there) the
+    # group_size call crashed the pytest worker with a segmentation fault instead of raising. A crash fails its case
+    # only, and the other cases (other checks, other ops) tell whether every throw from the extension crashes there.
+    proc = subprocess.run([sys.executable, "-c", _BAD_CALL, case], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"crashed (exit status {proc.returncode}): {proc.stderr[-1500:]}"
-    assert proc.stdout.startswith("raised:") and "group_size" in proc.stdout, proc.stdout
+    assert proc.stdout.startswith("raised:") and fragment in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu
