@@ -9,10 +9,12 @@ Chunked algorithm, for one chunk with chunk-local cumulative log decay b_t (b at
     o = scale · (exp(b) ⊙ q) S_in + scale · ((q kᵀ) ⊙ exp(b_t − b_s)[s≤t]) v
     S_out = exp(b_L) S_in + (exp(b_L − b) ⊙ k)ᵀ v
 Every exponent is ≤ 0, so nothing overflows however strong the decay. Launches:
-    forward:  state pass (sequential over chunks, parallel over sequences × heads × Dk/Dv blocks)
+    forward:  state pass (sequential over chunks, parallel over sequences × heads × Dk/Dv blocks; long sequences
+              in few programs: over segments, then a scan over each sequence's segments, then over segments again)
               + output pass (parallel over chunks × heads × Dv blocks)
     backward: state pass again (recomputes the chunk-entry states instead of keeping them)
-              + reverse state-gradient pass + one fused dq/dk/dv/dG pass parallel over chunks × heads.
+              + reverse state-gradient pass (the same kernel) + one fused dq/dk/dv/dG pass parallel over
+              chunks × heads.
 The per-token decay gradient comes from dG_t = q_t·dq_t − k_t·dk_t (gradient w.r.t. the cumulative log decay),
 whose reverse cumulative sum the op takes in PyTorch.
 
@@ -21,6 +23,8 @@ dots (fp32 inputs, and the CPU interpreter, where bf16 tl.dot is wrong: triton i
 Block sizes are fixed by the launch helpers (no autotuning): chunk BT, Dk block BK ≤ 128, Dv block BV ≤ 64.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -50,25 +54,6 @@ def _chunk_ids(ctab_ptr, cu_ptr, i_c, BT: tl.constexpr):
 
 
 @triton.jit
-def _state_tile(cu_ptr, coff_ptr, init_ptr, i_n, i_h, i_k, i_v, H, DK, DV,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_INIT: tl.constexpr):
-    """One [BK, BV] tile of a sequential state pass over sequence i_n, head i_h: the sequence's tokens [bos, eos),
-    the global index c0 of its first chunk, its chunk count, the tile's offsets and mask, and the state the pass
-    starts from (init_ptr[i_n] when HAS_INIT, else zeros)."""
-    bos = tl.load(cu_ptr + i_n)
-    eos = tl.load(cu_ptr + i_n + 1)
-    c0 = tl.load(coff_ptr + i_n)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INIT:
-        state += tl.load(init_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
-    return bos, eos, c0, tl.cdiv(eos - bos, BT), offs_k, offs_v, mask_kv, state_offs, state
-
-
-@triton.jit
 def _chunk_rows(a_ptr, b_ptr, offs_t, mask_t, head, HEADS, offs_k, offs_v, DK, DV):
     """A state pass's operands for one chunk: a [T, HEADS, DK] at tokens offs_t as a [BK, BT] tile (transposed)
     and b [T, HEADS, DV] as a [BT, BV] tile, both for `head`; padding reads zeros."""
@@ -80,28 +65,101 @@ def _chunk_rows(a_ptr, b_ptr, offs_t, mask_t, head, HEADS, offs_k, offs_v, DK, D
 
 
 @triton.jit
-def chunk_state_fwd_kernel(k_ptr, v_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_ptr, coff_ptr,
-                           H, HKV, DK, DV,
-                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_G: tl.constexpr, HAS_H0: tl.constexpr,
-                           DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """h[coff[n] + c] = state entering chunk c of sequence n; ht[n] = state after the sequence."""
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    i_hkv = i_h // (H // HKV)
-    bos, eos, c0, n_chunks, offs_k, offs_v, mask_kv, state_offs, state = _state_tile(
-        cu_ptr, coff_ptr, h0_ptr, i_n, i_h, i_k, i_v, H, DK, DV, BT, BK, BV, HAS_H0)
-    for c in range(0, n_chunks):
-        tl.store(h_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
+def chunk_state_kernel(a_ptr, b_ptr, g_ptr, init_ptr, h_ptr, out_ptr, gsum_ptr, cu_ptr, coff_ptr, stab_ptr, scale,
+                       H, A_HEADS, DK, DV,
+                       BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
+                       REVERSE: tl.constexpr, HAS_G: tl.constexpr, HAS_INIT: tl.constexpr, WRITE_H: tl.constexpr,
+                       DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
+    """One [BK, BV] tile of the chunk-state recurrence S ← exp(b_L) S + scale · (w ⊙ a)ᵀ b, walked over the
+    chunks of one sequence (SEG = 0) or of one segment of ≤ SEG chunks (segment i: sequence stab[i, 0], chunks from
+    stab[i, 1] · SEG), starting from init_ptr[unit] (HAS_INIT) or zeros, unit = the sequence or the segment:
+
+    * forward (REVERSE=False): a = k, b = v (kv heads), w = exp(b_L − b), scale 1, chunks in order;
+    * backward (REVERSE=True): a = q, b = do (query heads), w = exp(b), chunks last to first.
+
+    WRITE_H stores the state met before each chunk at h[coff[n] + c] (forward: entering chunk c; backward: the
+    gradient w.r.t. the state leaving it). The final state goes to out_ptr[unit]; with segments and HAS_G, the
+    segment's total log decay Σ b_L goes to gsum_ptr[segment, head] (segment_scan_kernel chains them).
+    """
+    i_row, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    unit, i_h = i_row // H, i_row % H
+    i_ah = i_h // (H // A_HEADS)
+    if SEG == 0:
+        i_n = unit
+        c_first = 0
+    else:
+        i_n = tl.load(stab_ptr + 2 * unit)
+        c_first = tl.load(stab_ptr + 2 * unit + 1) * SEG
+    if i_n < 0:  # a segment slot past the real ones holds sequence −1
+        return
+    bos = tl.load(cu_ptr + i_n)
+    eos = tl.load(cu_ptr + i_n + 1)
+    c0 = tl.load(coff_ptr + i_n)
+    count = tl.cdiv(eos - bos, BT) - c_first
+    if SEG > 0:
+        count = tl.minimum(count, SEG)
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init_ptr + unit.to(tl.int64) * H * DK * DV + state_offs, mask=mask_kv,
+                         other=0.0).to(tl.float32)
+    gsum = 0.0
+    for i in range(0, count):
+        if REVERSE:
+            c = c_first + count - 1 - i
+        else:
+            c = c_first + i
+        if WRITE_H:
+            tl.store(h_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
         offs_t = bos + c * BT + tl.arange(0, BT)
         mask_t = offs_t < eos
-        kt, vv = _chunk_rows(k_ptr, v_ptr, offs_t, mask_t, i_hkv, HKV, offs_k, offs_v, DK, DV)
+        at, bb = _chunk_rows(a_ptr, b_ptr, offs_t, mask_t, i_ah, A_HEADS, offs_k, offs_v, DK, DV)
         if HAS_G:
             b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
             state = state * tl.exp(b_last)
-            kt = kt.to(tl.float32) * tl.exp(b_last - b)[None, :]
-        state += _mm(kt, vv, DOT_DTYPE, PREC)
-    tl.store(ht_ptr + i_n * H * DK * DV + state_offs, state, mask=mask_kv)
+            if REVERSE:
+                at = at.to(tl.float32) * tl.exp(b)[None, :]
+            else:
+                at = at.to(tl.float32) * tl.exp(b_last - b)[None, :]
+            gsum += b_last
+        state += _mm(at, bb, DOT_DTYPE, PREC) * scale
+    tl.store(out_ptr + unit.to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
+    if SEG > 0 and HAS_G and i_k == 0 and i_v == 0:
+        tl.store(gsum_ptr + unit * H + i_h, gsum)
+
+
+@triton.jit
+def segment_scan_kernel(local_ptr, gsum_ptr, init_ptr, entry_ptr, out_ptr, soff_ptr,
+                        H, DK, DV, BK: tl.constexpr, BV: tl.constexpr,
+                        REVERSE: tl.constexpr, HAS_G: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Chains one sequence's segments (soff[n] .. soff[n+1]), in pass order (REVERSE: last to first): each
+    segment's state from zero (local) and total log decay (gsum) give entry[j], the true state the segment starts
+    from, and out[n], the state after the sequence's last segment. One program per (sequence, head, tile)."""
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    s_first = tl.load(soff_ptr + i_n)
+    s_count = tl.load(soff_ptr + i_n + 1) - s_first
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init_ptr + i_n.to(tl.int64) * H * DK * DV + state_offs, mask=mask_kv,
+                         other=0.0).to(tl.float32)
+    for i in range(0, s_count):
+        if REVERSE:
+            j = s_first + s_count - 1 - i
+        else:
+            j = s_first + i
+        tl.store(entry_ptr + j.to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
+        if HAS_G:
+            state = state * tl.exp(tl.load(gsum_ptr + j * H + i_h))
+        state += tl.load(local_ptr + j.to(tl.int64) * H * DK * DV + state_offs, mask=mask_kv, other=0.0)
+    tl.store(out_ptr + i_n.to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
 
 
 @triton.jit
@@ -144,31 +202,6 @@ def chunk_out_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h_ptr, o_ptr, cu_ptr, ctab_
     acc += _mm(scores, vv, DOT_DTYPE, PREC)
     tl.store(o_ptr + offs_t[:, None].to(tl.int64) * H * DV + i_h * DV + offs_v[None, :],
              (acc * scale).to(o_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_v[None, :])
-
-
-@triton.jit
-def chunk_state_bwd_kernel(q_ptr, do_ptr, g_ptr, dht_ptr, dh_ptr, dh0_ptr, cu_ptr, coff_ptr, scale,
-                           H, DK, DV,
-                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                           HAS_G: tl.constexpr, HAS_DHT: tl.constexpr,
-                           DOT_DTYPE: tl.constexpr, PREC: tl.constexpr):
-    """dh[coff[n] + c] = gradient w.r.t. the state leaving chunk c; dh0[n] = gradient w.r.t. the initial state."""
-    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, c0, n_chunks, offs_k, offs_v, mask_kv, state_offs, dstate = _state_tile(
-        cu_ptr, coff_ptr, dht_ptr, i_n, i_h, i_k, i_v, H, DK, DV, BT, BK, BV, HAS_DHT)
-    for i in range(0, n_chunks):
-        c = n_chunks - 1 - i
-        tl.store(dh_ptr + (c0 + c).to(tl.int64) * H * DK * DV + state_offs, dstate, mask=mask_kv)
-        offs_t = bos + c * BT + tl.arange(0, BT)
-        mask_t = offs_t < eos
-        qt, dd = _chunk_rows(q_ptr, do_ptr, offs_t, mask_t, i_h, H, offs_k, offs_v, DK, DV)
-        if HAS_G:
-            b, b_last = _chunk_decay(g_ptr, offs_t, mask_t, i_h, H)
-            dstate = dstate * tl.exp(b_last)
-            qt = qt.to(tl.float32) * tl.exp(b)[None, :]
-        dstate += _mm(qt, dd, DOT_DTYPE, PREC) * scale
-    tl.store(dh0_ptr + i_n * H * DK * DV + state_offs, dstate, mask=mask_kv)
 
 
 @triton.jit
@@ -309,6 +342,10 @@ MAX_BLOCK_K_BACKWARD = 64
 # The state passes walk the chunks one after another; with fewer (sequence, head, Dk block) rows than this they
 # also split Dv finer (32), to keep more SMs busy (H100: 132). A fixed rule, no autotuning (GPU tuning pending).
 SEQUENTIAL_ROWS_FOR_WIDE_TILES = 256
+# The state passes cut long sequences into segments when the plain walk would run fewer programs than
+# SEGMENT_BELOW_PROGRAMS (2 per H100 SM): see segment_chunks. Fixed rules, not yet timed on a GPU.
+SEGMENT_BELOW_PROGRAMS = 264
+MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS = 4, 32
 # Grids put what grows with the data (chunks; sequences × heads) on x: CUDA allows 2³¹−1 blocks along x but only
 # 65,535 along y and z (e.g. 65,536 chunks of 64 = 4.2M tokens in one call).
 
@@ -346,18 +383,64 @@ def _dummy(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(1, dtype=torch.float32)
 
 
-def chunk_states(k, v, g, h0, cu, coff, num_chunks: int, num_heads: int, chunk: int, interpret: bool):
+def segment_chunks(num_seqs: int, heads: int, dk: int, dv: int, num_chunks: int) -> int:
+    """Segment length (in chunks) for the state passes of this shape; 0 = one sequential walk per sequence.
+
+    A state pass walks its chunks one after another, parallel only over sequences × heads × Dk/Dv tiles: with
+    few programs its time is the chain's length times one step's latency (the H100 forward fell to 0.69× fla's at
+    T = 32k, B = 2: 32 programs walking 512 chunks). Cut into segments of S chunks, a sequence of C chunks costs a
+    chain of 2·S + C / S steps (see _state_pass), shortest at S ≈ √(C / 2), for one more read of the chunk inputs.
+    Segments are used below SEGMENT_BELOW_PROGRAMS programs when they at least halve the chain."""
+    bk, bv, nk, nv = _blocks(dk, dv, num_seqs * heads)
+    chunks = num_chunks // max(num_seqs, 1)  # per sequence, on average
+    if num_seqs * heads * nk * nv >= SEGMENT_BELOW_PROGRAMS or chunks < 8:
+        return 0
+    seg = min(max(1 << round(math.log2(math.sqrt(chunks / 2))), MIN_SEGMENT_CHUNKS), MAX_SEGMENT_CHUNKS)
+    return seg if 2 * seg + math.ceil(chunks / seg) < chunks / 2 else 0
+
+
+def _state_pass(a, b, g, init, cu, coff, segments, num_chunks: int, heads: int, chunk: int, scale: float,
+                reverse: bool, interpret: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h [num_chunks, H, Dk, Dv] fp32: the state met before each chunk, final [N, H, Dk, Dv] fp32) of the
+    recurrence of chunk_state_kernel (forward: a, b = k, v; backward: q, do with ``reverse``).
+
+    ``segments`` = (SEG, soff, stab) from segment_chunks and the op's tables, or None. With segments: (1) every
+    segment walked from a zero state (parallel over segments), keeping its end state and total log decay; (2)
+    segment_scan_kernel chains each sequence's segments into their true entry states and the final state; (3)
+    every segment walked again from its entry state, writing h. Unused slots (sequence −1) are skipped."""
+    n, dk, dv = cu.numel() - 1, a.shape[2], b.shape[2]
+    bk, bv, nk, nv = _blocks(dk, dv, n * heads)
+    dot_dtype, prec = _dot_config(a.dtype, interpret)
+    has_g = g is not None
+    h = _empty(a, num_chunks, heads, dk, dv, dtype=torch.float32)  # unused slots are never read
+    final = _empty(a, n, heads, dk, dv, dtype=torch.float32)
+
+    def walk(units: int, start, h_out, end_out, gsum, stab, seg: int, write_h: bool) -> None:
+        chunk_state_kernel[(units * heads, nk, nv)](
+            a, b, g if has_g else _dummy(a), start if start is not None else _dummy(a), h_out, end_out, gsum, cu,
+            coff, stab, scale, heads, a.shape[1], dk, dv, BT=chunk, BK=bk, BV=bv, SEG=seg, REVERSE=reverse,
+            HAS_G=has_g, HAS_INIT=start is not None, WRITE_H=write_h, DOT_DTYPE=dot_dtype, PREC=prec)
+
+    if segments is None:
+        walk(n, init, h, final, _dummy(a), coff, 0, True)
+        return h, final
+    seg, soff, stab = segments
+    slots = stab.shape[0]
+    local = _empty(a, slots, heads, dk, dv, dtype=torch.float32)
+    entry = _empty(a, slots, heads, dk, dv, dtype=torch.float32)
+    gsum = _empty(a, slots, heads, dtype=torch.float32) if has_g else _dummy(a)
+    walk(slots, None, _dummy(a), local, gsum, stab, seg, False)
+    segment_scan_kernel[(n * heads, nk, nv)](
+        local, gsum, init if init is not None else _dummy(a), entry, final, soff, heads, dk, dv, BK=bk, BV=bv,
+        REVERSE=reverse, HAS_G=has_g, HAS_INIT=init is not None)
+    walk(slots, entry, h, local, gsum, stab, seg, True)  # the end states land in `local` again (no longer read)
+    return h, final
+
+
+def chunk_states(k, v, g, h0, cu, coff, num_chunks: int, num_heads: int, chunk: int, interpret: bool,
+                 segments=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h [num_chunks, H, Dk, Dv] fp32: state entering each chunk, ht [N, H, Dk, Dv] fp32)."""
-    n, hkv, dk, dv = cu.numel() - 1, k.shape[1], k.shape[2], v.shape[2]
-    bk, bv, nk, nv = _blocks(dk, dv, n * num_heads)
-    dot_dtype, prec = _dot_config(k.dtype, interpret)
-    h = _empty(k, num_chunks, num_heads, dk, dv, dtype=torch.float32)  # unused slots are never read
-    ht = _empty(k, n, num_heads, dk, dv, dtype=torch.float32)
-    chunk_state_fwd_kernel[(n * num_heads, nk, nv)](
-        k, v, g if g is not None else _dummy(k), h0 if h0 is not None else _dummy(k), h, ht, cu, coff,
-        num_heads, hkv, dk, dv, BT=chunk, BK=bk, BV=bv, HAS_G=g is not None, HAS_H0=h0 is not None,
-        DOT_DTYPE=dot_dtype, PREC=prec)
-    return h, ht
+    return _state_pass(k, v, g, h0, cu, coff, segments, num_chunks, num_heads, chunk, 1.0, False, interpret)
 
 
 def chunk_output(q, k, v, g, h, cu, ctab, scale: float, chunk: int, interpret: bool) -> torch.Tensor:
@@ -371,19 +454,10 @@ def chunk_output(q, k, v, g, h, cu, ctab, scale: float, chunk: int, interpret: b
     return o
 
 
-def chunk_state_grads(q, do, g, dht, cu, coff, num_chunks: int, scale: float, dk: int, chunk: int,
-                      interpret: bool):
+def chunk_state_grads(q, do, g, dht, cu, coff, num_chunks: int, scale: float, chunk: int, interpret: bool,
+                      segments=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh [num_chunks, H, Dk, Dv] fp32: gradient w.r.t. each chunk's outgoing state, dh0 [N, H, Dk, Dv] fp32)."""
-    n, heads, dv = cu.numel() - 1, q.shape[1], do.shape[2]
-    bk, bv, nk, nv = _blocks(dk, dv, n * heads)
-    dot_dtype, prec = _dot_config(q.dtype, interpret)
-    dh = _empty(q, num_chunks, heads, dk, dv, dtype=torch.float32)
-    dh0 = _empty(q, n, heads, dk, dv, dtype=torch.float32)
-    chunk_state_bwd_kernel[(n * heads, nk, nv)](
-        q, do, g if g is not None else _dummy(q), dht if dht is not None else _dummy(q), dh, dh0, cu, coff, scale,
-        heads, dk, dv, BT=chunk, BK=bk, BV=bv, HAS_G=g is not None, HAS_DHT=dht is not None,
-        DOT_DTYPE=dot_dtype, PREC=prec)
-    return dh, dh0
+    return _state_pass(q, do, g, dht, cu, coff, segments, num_chunks, q.shape[1], chunk, scale, True, interpret)
 
 
 def chunk_grads(q, k, v, g, h, do, dh, cu, ctab, scale: float, chunk: int, interpret: bool):

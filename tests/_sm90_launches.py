@@ -142,8 +142,9 @@ def launch_loss() -> None:
 
 def launch_linear_attention() -> None:
     """Chunked forward / backward and the recurrent form, GQA (2 query heads per kv head): bf16 with head dims 64
-    and 128, with and without decay and initial state; fp32 (see above) once, at the smallest chunk."""
-    from tgolf.ops.linear_attention import _uniform_tables
+    and 128, with and without decay and initial state, the state passes whole and in segments of 2 chunks; fp32
+    (see above) once, at the smallest chunk."""
+    from tgolf.ops.linear_attention import _chunk_table, _uniform_tables
 
     seqs, seq_len, heads, kv_heads, scale = 2, 256, 4, 2, 0.125
     total = seqs * seq_len
@@ -156,10 +157,11 @@ def launch_linear_attention() -> None:
         v, do = randn(total, kv_heads, dk, dtype=dtype), randn(total, heads, dk, dtype=dtype)
         g = -torch.rand(total, heads) if with_state else None
         h0 = randn(seqs, heads, dk, dk) if with_state else None
-        h, ht = kla.chunk_states(k, v, g, h0, cu, coff, chunks, heads, chunk, False)
+        for segments in (None, (2, *_chunk_table(cu, 2 * chunk, chunks // 2 + seqs))):
+            h, ht = kla.chunk_states(k, v, g, h0, cu, coff, chunks, heads, chunk, False, segments)
+            dht = ht if with_state else None
+            dh, _ = kla.chunk_state_grads(q, do, g, dht, cu, coff, chunks, scale, chunk, False, segments)
         kla.chunk_output(q, k, v, g, h, cu, ctab, scale, chunk, False)
-        dht = ht if with_state else None
-        dh, _ = kla.chunk_state_grads(q, do, g, dht, cu, coff, chunks, scale, dk, chunk, False)
         kla.chunk_grads(q, k, v, g, h, do, dh, cu, ctab, scale, chunk, False)
         kla.recurrent_forward(q, k, v, g, h0, cu, scale)
 

@@ -27,8 +27,7 @@ WGMMA_GEMMS = ("_ternary_mm_kernel", "_int8_mm_kernel", "_qat_matmul_kernel", "_
 H100_SHARED_BYTES = 232_448
 # Spill bytes (stores + loads per thread) tolerated in a hot launch: a few registers' worth, not a tile.
 SPILL_TOLERANCE = 128
-LINEAR_ATTENTION_CHUNK = ("chunk_state_fwd_kernel", "chunk_out_fwd_kernel", "chunk_state_bwd_kernel",
-                          "chunk_bwd_kernel")
+LINEAR_ATTENTION_CHUNK = ("chunk_state_kernel", "chunk_out_fwd_kernel", "chunk_bwd_kernel")
 
 
 @pytest.fixture(scope="module")

@@ -155,7 +155,7 @@ def test_only_the_grids_x_grows_with_the_data(monkeypatch):
         q, k, v = (torch.randn(batch, seq_len, heads, D, requires_grad=True) for heads in (H, HKV, HKV))
         linear_attention(q, k, v, decay=make_decay("token", batch, seq_len), chunk_size=CHUNK).sum().backward()
         linear_attention(q.detach(), k.detach(), v.detach(), mode="recurrent")
-    assert len(grids) == 5, sorted(grids)
+    assert len(grids) == 4, sorted(grids)
     for name, launched in grids.items():
         assert len({grid[0] for grid in launched}) > 1, f"{name}: x did not grow: {launched}"
         assert len({grid[1:] for grid in launched}) == 1, f"{name}: y or z grows with the data: {launched}"
@@ -228,11 +228,59 @@ def test_gqa_equals_repeated_heads():
         assert rel(a.grad, b.grad) < 1e-6
 
 
+def force_segments(monkeypatch, seg: int) -> None:
+    """Make the state passes cut every sequence into segments of ``seg`` chunks, whatever the shape."""
+    from tgolf.kernels import linear_attention as kern
+
+    monkeypatch.setattr(kern, "segment_chunks", lambda *shape: seg)
+
+
 @needs_triton
-def test_nan_poisoned_outputs_are_fully_written(monkeypatch):
+@pytest.mark.parametrize("seg", [1, 2, 3])
+@pytest.mark.parametrize("decay_kind", [None, "head", "token"])
+def test_segmented_state_passes_match_reference(monkeypatch, seg, decay_kind):
+    """Segments over packed sequences of 0 to 5 chunks (some shorter than a segment, one empty), with initial and
+    final states: outputs, states and every gradient as the reference, and as the one-walk passes."""
+    lengths = [5, 0, 70, 17, 48]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = sum(lengths)
+    q, k, v = torch.randn(1, total, H, D), torch.randn(1, total, HKV, D), torch.randn(1, total, HKV, D + 4)
+    g, h0 = make_decay(decay_kind, 1, total), torch.randn(len(lengths), H, D, D + 4)
+
+    def fn(is_ref, q, k, v, g, h0):
+        if is_ref:
+            return linear_attention_quadratic(q, k, v, decay=g, cu_seqlens=cu, initial_state=h0, scale=0.5)
+        return linear_attention(q, k, v, decay=g, cu_seqlens=cu, initial_state=h0, output_state=True, scale=0.5,
+                                chunk_size=CHUNK)
+
+    whole = run_both(fn, [q, k, v, g, h0])[0]
+    force_segments(monkeypatch, seg)
+    results = run_both(fn, [q, k, v, g, h0])
+    assert_close(results)
+    for a, b in zip([*results[0][0], *results[0][1]], [*whole[0], *whole[1]]):
+        assert (a is None) == (b is None) and (a is None or rel(a, b) < 1e-6)
+
+
+@needs_triton
+def test_segment_rule_cuts_only_long_sequences_in_few_programs():
+    from tgolf.kernels import linear_attention as kern
+
+    def seg(batch: int, seq_len: int) -> int:  # the benchmark's shapes: 65,536 tokens, 8 heads of 64, chunks of 64
+        return kern.segment_chunks(batch, 8, 64, 64, batch * seq_len // 64)
+
+    assert seg(64, 1024) == 0 and seg(32, 2048) == 0  # 512 and 256 programs: the GPU is full enough
+    assert [seg(16, 4096), seg(8, 8192), seg(4, 16384), seg(2, 32768)] == [4, 8, 16, 16]  # ≈ √(chunks / 2)
+    assert seg(1, 256) == 0  # 4 chunks: segments would not halve the chain
+
+
+@needs_triton
+@pytest.mark.parametrize("segmented", [False, True])
+def test_nan_poisoned_outputs_are_fully_written(monkeypatch, segmented):
     from tgolf.kernels import linear_attention as kern
 
     monkeypatch.setattr(kern, "POISON_OUTPUTS", True)
+    if segmented:
+        force_segments(monkeypatch, 1)
     cu = torch.tensor([0, 7, 7, 37], dtype=torch.int32)
     leaves = [torch.randn(1, 37, H, D), torch.randn(1, 37, HKV, D), torch.randn(1, 37, HKV, 12),
               make_decay("token", 1, 37), torch.randn(3, H, D, 12)]

@@ -63,6 +63,20 @@ def _tables(cu_seqlens: torch.Tensor | None, num_seqs: int, total: int, chunk: i
     return (cu_seqlens, *_chunk_table(cu_seqlens, chunk, max_chunks))
 
 
+def _segments(cu_seqlens: torch.Tensor | None, num_seqs: int, total: int, heads: int, dk: int, dv: int, chunk: int,
+              max_chunks: int, device: torch.device):
+    """(SEG, soff, stab) for the segmented state passes (kern.segment_chunks decides from the shapes), or None.
+    A segment is SEG chunks, so its table is the chunk table of chunks SEG times longer."""
+    from tgolf.kernels import linear_attention as kern
+
+    seg = kern.segment_chunks(num_seqs, heads, dk, dv, max_chunks)
+    if not seg:
+        return None
+    if cu_seqlens is None:
+        return (seg, *_uniform_tables(num_seqs, total // num_seqs, chunk * seg, device)[1:])
+    return (seg, *_chunk_table(cu_seqlens, chunk * seg, max_chunks // seg + num_seqs))
+
+
 @torch.library.custom_op("tgolf::linear_attention_fwd", mutates_args=())
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | None,
          cu_seqlens: torch.Tensor | None, num_seqs: int, initial_state: torch.Tensor | None, scale: float,
@@ -76,8 +90,10 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | No
     cu, coff, ctab = _tables(cu_seqlens, num_seqs, q.shape[0], chunk_size, max_chunks, q.device)
     if recurrent:
         return kern.recurrent_forward(q, k, v, g, initial_state, cu, scale)
+    segments = _segments(cu_seqlens, num_seqs, q.shape[0], q.shape[1], q.shape[2], v.shape[2], chunk_size,
+                         max_chunks, q.device)
     h, ht = kern.chunk_states(k, v, g, initial_state, cu, coff, max_chunks, q.shape[1], chunk_size,
-                              triton_interpret())
+                              triton_interpret(), segments)
     return kern.chunk_output(q, k, v, g, h, cu, ctab, scale, chunk_size, triton_interpret()), ht
 
 
@@ -112,9 +128,11 @@ def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | No
     do = do.contiguous()  # autograd may hand in expanded (stride-0) gradients
     dfinal_state = dfinal_state.contiguous() if dfinal_state is not None else None
     cu, coff, ctab = _tables(cu_seqlens, num_seqs, q.shape[0], chunk_size, max_chunks, q.device)
-    h, _ = kern.chunk_states(k, v, g, initial_state, cu, coff, max_chunks, heads, chunk_size, interp)
-    dh, dh0 = kern.chunk_state_grads(q, do, g, dfinal_state, cu, coff, max_chunks, scale, k.shape[2], chunk_size,
-                                     interp)
+    segments = _segments(cu_seqlens, num_seqs, q.shape[0], heads, q.shape[2], v.shape[2], chunk_size, max_chunks,
+                         q.device)
+    h, _ = kern.chunk_states(k, v, g, initial_state, cu, coff, max_chunks, heads, chunk_size, interp, segments)
+    dh, dh0 = kern.chunk_state_grads(q, do, g, dfinal_state, cu, coff, max_chunks, scale, chunk_size, interp,
+                                     segments)
     dq, dk, dv, dG = kern.chunk_grads(q, k, v, g, h, do, dh, cu, ctab, scale, chunk_size, interp)
     group = heads // hkv
     if group > 1:  # each kv head served `group` query heads: their gradients add
