@@ -261,6 +261,27 @@ def test_segmented_state_passes_match_reference(monkeypatch, seg, decay_kind):
         assert (a is None) == (b is None) and (a is None or rel(a, b) < 1e-6)
 
 
+@pytest.mark.gpu
+def test_gpu_segments_equal_the_whole_walk(monkeypatch):
+    """bf16 at a long-context benchmark shape (the rule picks segments of 8 chunks) against the whole walk."""
+    from tgolf.kernels import linear_attention as kern
+
+    assert kern.segment_chunks(2, 8, 64, 64, 2 * 8192 // 64) == 8
+    q, k, v = (torch.randn(2, 8192, 8, 64, device="cuda").bfloat16() for _ in range(3))
+    g = F.logsigmoid(torch.randn(2, 8192, 8, device="cuda") + 4)
+
+    def run() -> list[torch.Tensor]:
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, g)]
+        o, s = linear_attention(*leaves[:3], decay=leaves[3], output_state=True, scale=0.125)
+        (o.float().square().sum() + s.sum()).backward()
+        return [o, s, *(x.grad for x in leaves)]
+
+    segmented = run()
+    force_segments(monkeypatch, 0)
+    for a, b in zip(segmented, run()):
+        assert torch.isfinite(a).all() and rel(a, b) < 1e-3
+
+
 @needs_triton
 def test_segment_rule_cuts_only_long_sequences_in_few_programs():
     from tgolf.kernels import linear_attention as kern
