@@ -30,9 +30,12 @@ def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) 
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D matrices. Matrices of one shape are orthogonalised together as one batch: the baseline's model
-    has ~54 block matrices in 4 shapes, and one Newton–Schulz pass per matrix made the step launch-bound (on the
-    2026-11-27 H100 profile: 2,863 kernels holding 6.2 ms of GPU work spread over 32.6 ms)."""
+    """Muon for 2-D matrices, in few launches: the baseline's model has ~54 block matrices in 4 shapes, and one
+    Newton–Schulz pass per matrix made the step launch-bound (on the 2026-11-27 H100 profile: 2,863 kernels holding
+    6.2 ms of GPU work spread over 32.6 ms). Matrices of one shape are orthogonalised together as one batch, and the
+    flat update buffer holds each shape's matrices side by side, so a batch lands in it with one copy and the
+    weights take it with one foreach add. Under DDP each rank orthogonalises a contiguous share of every shape's
+    batch; one all-reduce of the buffer gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
@@ -45,35 +48,36 @@ class Muon(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            offsets = [0]
+            by_shape: dict[torch.Size, list[torch.Tensor]] = {}
             for p in params:
-                offsets.append(offsets[-1] + p.numel())
-            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.bfloat16
-                               if params[0].is_cuda else torch.float32)
-            mine = [i for i in range(len(params)) if i % world == rank]  # this rank's share of the matrices
-            if mine:
-                self._orthogonalised_updates(group, [params[i] for i in mine], [offsets[i] for i in mine], flat)
+                by_shape.setdefault(p.shape, []).append(p)
+            ordered = [p for members in by_shape.values() for p in members]  # the buffer's layout
+            flat = torch.zeros(sum(p.numel() for p in ordered), device=ordered[0].device,
+                               dtype=torch.bfloat16 if ordered[0].is_cuda else torch.float32)
+            start = 0
+            for shape, members in by_shape.items():
+                lo, hi = rank * len(members) // world, (rank + 1) * len(members) // world  # this rank's share
+                if hi > lo:
+                    numel = members[0].numel()
+                    ortho = self._orthogonalised(group, members[lo:hi])
+                    flat[start + lo * numel: start + hi * numel] = ortho.flatten()
+                start += len(members) * members[0].numel()
             if distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            for p, start in zip(params, offsets):
-                p.add_(flat[start: start + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+            updates = flat.to(ordered[0].dtype).split([p.numel() for p in ordered])
+            torch._foreach_add_(ordered, [u.view_as(p) for u, p in zip(updates, ordered)], alpha=-group["lr"])
 
-    def _orthogonalised_updates(self, group: dict, params: list[torch.Tensor], starts: list[int],
-                                flat: torch.Tensor) -> None:
-        """Momentum, then Newton–Schulz per shape batch; each update written into ``flat`` at its offset."""
+    def _orthogonalised(self, group: dict, params: list[torch.Tensor]) -> torch.Tensor:
+        """Momentum (Nesterov by default), then one Newton–Schulz pass over the batch of these same-shape matrices,
+        scaled to equal RMS across aspect ratios: [len(params), rows, cols]."""
         grads = [p.grad for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
         torch._foreach_mul_(bufs, group["momentum"])
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
-        by_shape: dict[torch.Size, list[int]] = {}
-        for i, u in enumerate(updates):
-            by_shape.setdefault(u.shape, []).append(i)
-        for shape, members in by_shape.items():
-            ortho = zeropower_newton_schulz(torch.stack([updates[i] for i in members]), group["backend_steps"])
-            ortho *= max(1.0, shape[0] / shape[1]) ** 0.5  # equal RMS across aspect ratios
-            for i, update in zip(members, ortho):
-                flat[starts[i]: starts[i] + update.numel()] = update.flatten()
+        rows, cols = params[0].shape
+        ortho = zeropower_newton_schulz(torch.stack(updates), group["backend_steps"])
+        return ortho * max(1.0, rows / cols) ** 0.5
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
