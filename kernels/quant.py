@@ -221,8 +221,11 @@ def _pow2_exponent(amax, MAX_EXP: tl.constexpr):
 @triton.jit
 def _fp8_quantize_kernel(x_ptr, amax_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_xk,
                          ROWWISE: tl.constexpr, MANT: tl.constexpr, MAX_EXP: tl.constexpr, MIN_EXP: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Rows [BLOCK_M] of x → fp8 codes; the row's amax (ROWWISE) or the tensor's (read from amax_ptr)."""
+                         BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, HW_CAST: tl.constexpr):
+    """Rows [BLOCK_M] of x → fp8 codes; the row's amax (ROWWISE) or the tensor's (read from amax_ptr).
+
+    HW_CAST: the GPU's own conversion (round to nearest even, as torch's cast; one instruction per two values);
+    else the rounding emulated in fp32 bits (the CPU interpreter), a dozen integer operations per value."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = rm < M
     if ROWWISE:
@@ -245,8 +248,10 @@ def _fp8_quantize_kernel(x_ptr, amax_ptr, q_ptr, scale_ptr, M, K, stride_xm, str
         rk = k0 + tl.arange(0, BLOCK_K)
         mask = m_mask[:, None] & (rk[None, :] < K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk, mask=mask, other=0.0)
-        q = _round_to_fp8_grid(x.to(tl.float32) * inv_scale[:, None], MANT, MIN_EXP)
-        tl.store(q_ptr + rm[:, None] * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        v = x.to(tl.float32) * inv_scale[:, None]
+        if not HW_CAST:
+            v = _round_to_fp8_grid(v, MANT, MIN_EXP)
+        tl.store(q_ptr + rm[:, None] * K + rk[None, :], v.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def fp8_quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +265,7 @@ def fp8_quantize(x: torch.Tensor, dtype: torch.dtype, rowwise: bool) -> tuple[to
     block_m = max(1, min(64, 4096 // block_k))
     _fp8_quantize_kernel[(triton.cdiv(m, block_m),)](x, amax, q, scale, m, k, x.stride(0), x.stride(1),
                                                      ROWWISE=rowwise, **_FP8_SPECS[dtype], BLOCK_M=block_m,
-                                                     BLOCK_K=block_k, num_warps=4)
+                                                     BLOCK_K=block_k, HW_CAST=not triton_interpret(), num_warps=4)
     return q, scale
 
 

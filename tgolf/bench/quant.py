@@ -33,15 +33,17 @@ def _inputs(m: int, k: int, n: int):
 
 
 # tgolf's own alternatives, timed beside the default: QAT with the fused Triton GEMMs instead of a dequantized
-# copy and cuBLAS; fp8 with fp8 backward GEMMs too (different numerics: timed, not checked).
-_VARIANTS = {"qat_linear": ("fused_gemm", dict(gemm="fused")), "fp8_linear": ("fp8_backward", dict(fp8_backward=True))}
+# copy and cuBLAS; fp8 with fp8 backward GEMMs too, and with per-row scales (one pass over x, no tensor-wide amax
+# first); different numerics: timed, not checked.
+_VARIANTS = {"qat_linear": {"fused_gemm": dict(gemm="fused")},
+             "fp8_linear": {"fp8_backward": dict(fp8_backward=True), "row_scaling": dict(scaling="row")}}
 
 
 def _case(name: str, m: int, k: int, n: int, precision: str, label: str, **kwargs) -> BenchCase:
     reference = lazy(f"tgolf.ops.quant.reference:{name}_reference", bias=None, **kwargs)
-    variant, extra = _VARIANTS[name]
     anchors = {"cublas_bf16": cublas_linear(), "eager": eager(reference), "compiled": compiled(reference),
-               variant: op(f"tgolf.ops.quant:{name}", bias=None, **kwargs, **extra)}
+               **{variant: op(f"tgolf.ops.quant:{name}", bias=None, **{**kwargs, **extra})
+                  for variant, extra in _VARIANTS[name].items()}}
     return BenchCase(
         op=f"quant.{name}", label=f"M{m} K{k} N{n} {label}", shape=dict(M=m, K=k, N=n),
         make_inputs=_inputs(m, k, n), candidate=op(f"tgolf.ops.quant:{name}", bias=None, **kwargs),
