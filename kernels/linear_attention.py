@@ -65,6 +65,21 @@ def _chunk_rows(a_ptr, b_ptr, offs_t, mask_t, head, HEADS, offs_k, offs_v, DK, D
 
 
 @triton.jit
+def _state_start(init_ptr, unit, i_h, i_k, i_v, H, DK, DV, BK: tl.constexpr, BV: tl.constexpr,
+                 HAS_INIT: tl.constexpr):
+    """A state tile's mask and offsets within one [H, DK, DV] state, and its start: init_ptr[unit] (HAS_INIT) or 0."""
+    offs_k = i_k * BK + tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
+    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_INIT:
+        state += tl.load(init_ptr + unit.to(tl.int64) * H * DK * DV + state_offs, mask=mask_kv,
+                         other=0.0).to(tl.float32)
+    return offs_k, offs_v, mask_kv, state_offs, state
+
+
+@triton.jit
 def chunk_state_kernel(a_ptr, b_ptr, g_ptr, init_ptr, h_ptr, out_ptr, gsum_ptr, cu_ptr, coff_ptr, stab_ptr, scale,
                        H, A_HEADS, DK, DV,
                        BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, SEG: tl.constexpr,
@@ -98,14 +113,8 @@ def chunk_state_kernel(a_ptr, b_ptr, g_ptr, init_ptr, h_ptr, out_ptr, gsum_ptr, 
     count = tl.cdiv(eos - bos, BT) - c_first
     if SEG > 0:
         count = tl.minimum(count, SEG)
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INIT:
-        state += tl.load(init_ptr + unit.to(tl.int64) * H * DK * DV + state_offs, mask=mask_kv,
-                         other=0.0).to(tl.float32)
+    offs_k, offs_v, mask_kv, state_offs, state = _state_start(init_ptr, unit, i_h, i_k, i_v, H, DK, DV, BK, BV,
+                                                              HAS_INIT)
     gsum = 0.0
     for i in range(0, count):
         if REVERSE:
@@ -142,14 +151,7 @@ def segment_scan_kernel(local_ptr, gsum_ptr, init_ptr, entry_ptr, out_ptr, soff_
     i_n, i_h = i_nh // H, i_nh % H
     s_first = tl.load(soff_ptr + i_n)
     s_count = tl.load(soff_ptr + i_n + 1) - s_first
-    offs_k = i_k * BK + tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
-    mask_kv = (offs_k[:, None] < DK) & (offs_v[None, :] < DV)
-    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_INIT:
-        state += tl.load(init_ptr + i_n.to(tl.int64) * H * DK * DV + state_offs, mask=mask_kv,
-                         other=0.0).to(tl.float32)
+    _, _, mask_kv, state_offs, state = _state_start(init_ptr, i_n, i_h, i_k, i_v, H, DK, DV, BK, BV, HAS_INIT)
     for i in range(0, s_count):
         if REVERSE:
             j = s_first + s_count - 1 - i
@@ -308,15 +310,9 @@ def recurrent_fwd_kernel(q_ptr, k_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_p
     i_hkv = i_h // (H // HKV)
     bos = tl.load(cu_ptr + i_n)
     eos = tl.load(cu_ptr + i_n + 1)
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
+    offs_k, offs_v, mask_kv, state_offs, state = _state_start(h0_ptr, i_n, i_h, 0, i_v, H, DK, DV, BK, BV, HAS_H0)
     mask_k = offs_k < DK
     mask_v = offs_v < DV
-    mask_kv = mask_k[:, None] & mask_v[None, :]
-    state_offs = (i_h * DK + offs_k[:, None]) * DV + offs_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(h0_ptr + i_n * H * DK * DV + state_offs, mask=mask_kv, other=0.0).to(tl.float32)
     for i in range(0, eos - bos):
         t64 = (bos + i).to(tl.int64)
         kk = tl.load(k_ptr + t64 * HKV * DK + i_hkv * DK + offs_k, mask=mask_k, other=0.0).to(tl.float32)
