@@ -161,6 +161,20 @@ def test_only_the_grids_x_grows_with_the_data(monkeypatch):
         assert len({grid[1:] for grid in launched}) == 1, f"{name}: y or z grows with the data: {launched}"
 
 
+def test_reverse_cumsum_restarts_with_every_sequence():
+    from tgolf.ops.linear_attention import _reverse_cumsum_per_sequence
+
+    lengths = [3, 0, 5, 1, 4]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    dG = torch.randn(sum(lengths), 3)
+    expected = torch.empty_like(dG, dtype=torch.float64)
+    for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for t in range(lo, hi):
+            expected[t] = dG[t:hi].double().sum(0)
+    got = _reverse_cumsum_per_sequence(dG, cu)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_references_agree():
     q, k, v = torch.randn(B, 19, H, 8), torch.randn(B, 19, HKV, 8), torch.randn(B, 19, HKV, 8)
     g, h0 = make_decay("token", seq_len=19), torch.randn(B, H, 8, 8)

@@ -103,15 +103,22 @@ def _fwd_fake(q, k, v, g, cu_seqlens, num_seqs, initial_state, scale, chunk_size
             q.new_empty(num_seqs, q.shape[1], q.shape[2], v.shape[2], dtype=torch.float32))
 
 
-def _reverse_cumsum_per_sequence(dG: torch.Tensor, cu_seqlens: torch.Tensor | None, num_seqs: int) -> torch.Tensor:
+def _suffix_sums(x: torch.Tensor) -> torch.Tensor:
+    """S[t, h] = Σ_{r ≥ t} x[r, h] of a [T, H] tensor in float64, as one scan over all H columns laid end to end.
+
+    torch.cumsum along dim 0 of [T, H] runs one thread per column, each walking all T rows in order (ATen's
+    outer-dimension scan): at T = 32k that chain takes milliseconds, where a 1-D tensor is scanned in parallel."""
+    total, heads = x.shape
+    scanned = x.double().T.flip(1).reshape(-1).cumsum(0).view(heads, total)  # column h reversed, after columns < h
+    before = torch.cat((scanned.new_zeros(1), scanned[:-1, -1]))  # the totals of the earlier columns
+    return (scanned - before[:, None]).flip(1).T
+
+
+def _reverse_cumsum_per_sequence(dG: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
     """dg_t = Σ_{r ≥ t, r in t's sequence} dG_r (G_t = g_1 + … + g_t restarts with every sequence), float64 sums."""
     total, heads = dG.shape
-    if cu_seqlens is None:
-        return dG.double().view(num_seqs, -1, heads).flip(1).cumsum(1).flip(1).view(total, heads).float()
-    suffix = dG.double().flip(0).cumsum(0).flip(0)  # Σ_{r ≥ t} over the whole packed stream
-    suffix = torch.cat((suffix, suffix.new_zeros(1, heads)))
-    cu = cu_seqlens.long()
-    seq_end = cu[torch.searchsorted(cu, torch.arange(total, device=dG.device), right=True)]
+    suffix = torch.cat((_suffix_sums(dG), dG.new_zeros(1, heads, dtype=torch.float64)))  # over the packed stream
+    seq_end = cu.long()[torch.searchsorted(cu, torch.arange(total, device=dG.device, dtype=cu.dtype), right=True)]
     return (suffix[:total] - suffix[seq_end]).float()
 
 
@@ -145,7 +152,7 @@ def _bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor | No
             lengths = cu[1:] - cu[:-1]
             term = (dfinal_state * final_state).sum((-1, -2)) * (lengths > 0)[:, None]
             dG = dG.index_add(0, (cu[1:].long() - 1).clamp(min=0), term)
-        dg = _reverse_cumsum_per_sequence(dG, cu_seqlens, num_seqs)
+        dg = _reverse_cumsum_per_sequence(dG, cu)
     dh0 = dh0 if initial_state is not None else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dg, dh0
 
