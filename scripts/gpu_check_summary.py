@@ -56,6 +56,9 @@ def _profile(folder: Path) -> str:
         parts.append(f"MFU {p['mfu_pct']:.1f}%")
     shares = sorted(p.get("share_pct", {}).items(), key=lambda kv: -kv[1])[:4]
     parts += [f"{k} {v:.0f}%" for k, v in shares]
+    idle = list(p.get("idle_by_host_ms", {}).items())[:3]  # largest first: what the GPU waited on
+    if idle:
+        parts.append("idle in " + ", ".join(f"{name} {ms:.1f} ms" for name, ms in idle))
     return ", ".join(parts)
 
 
