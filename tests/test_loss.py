@@ -188,3 +188,25 @@ def test_gpu_bf16_and_memory(monkeypatch, backend, vocab):
     ref_peak = _peak_bytes(lambda: run(softcap_cross_entropy_reference))
     # both peaks include the gradients' own storage; the logits dominate the reference's
     assert fused_peak <= ref_peak / 2, (fused_peak, ref_peak)
+
+
+def test_cuda_chunk_kernel_only_for_the_vocabularies_it_was_measured_faster_at(monkeypatch):
+    """On an H100 the CUDA chunk kernel beat the Triton one at V = 1024 and lost at V = 8192: larger vocabularies
+    take Triton unless TGOLF_BACKEND=cuda asks for the CUDA kernel; tgolf.info says so."""
+    import tgolf.ops.loss as L
+    from tgolf import backend
+
+    def choose(device, cuda_name=None, has_triton=True):  # the extension built and a GPU present
+        if cuda_name and backend.forced_backend() in (None, "cuda"):
+            return backend.Choice("cuda", f"CUDA kernel torch.ops.tgolf.{cuda_name}")
+        return backend.Choice("triton", "Triton kernel on the GPU")
+
+    monkeypatch.setattr(L, "choose", choose)
+    monkeypatch.delenv("TGOLF_BACKEND", raising=False)
+    device = torch.device("cuda")
+    assert [L._chunk_choice(device, v).backend for v in (1024, L.CUDA_MAX_VOCAB, 8192)] == ["cuda", "cuda", "triton"]
+    assert "0.87×" in L._chunk_choice(device, 8192).reason
+    described = L._describe(device)
+    assert described.backend == "cuda" and f"V ≤ {L.CUDA_MAX_VOCAB}" in described.reason and "triton" in described.reason
+    monkeypatch.setenv("TGOLF_BACKEND", "cuda")
+    assert L._chunk_choice(device, 8192).backend == "cuda"

@@ -1,9 +1,11 @@
 """The softcapped cross-entropy with the (tied) lm head fused in: logits never reach device memory.
 
 Anchors: the eager reference (cuBLAS GEMM, fp32 logits, tanh, cross-entropy), its torch.compile, and the op
-with its Triton chunk kernel forced (beside the CUDA one, when the extension is built).
+with its Triton and its CUDA chunk kernel forced (on a GPU; the CUDA one when the extension is built).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -34,8 +36,9 @@ def _case(n: int, d: int, v: int) -> BenchCase:
         make_inputs=_inputs(n, d, v), candidate=op("tgolf.ops.loss:softcap_cross_entropy", **kwargs),
         reference=reference,
         anchors={"eager": eager(reference), "compiled": compiled(reference),
-                 # the chunk kernel has a CUDA and a Triton version: the forced one shows the other
-                 "triton": forced_backend(lazy("tgolf.ops.loss:softcap_cross_entropy", **kwargs), "triton")},
+                 # the chunk kernel has a CUDA and a Triton version (the op picks one by vocabulary): both, forced
+                 **{backend: replace(forced_backend(lazy("tgolf.ops.loss:softcap_cross_entropy", **kwargs), backend),
+                                     cuda_only=backend == "cuda") for backend in ("triton", "cuda")}},
         flops=2.0 * n * d * v, bytes=2.0 * (n * d + v * d) + 8.0 * n,
         bwd_bytes=2.0 * 2 * (n * d + v * d) + 8.0 * n, grad_argnums=(0, 1),
     )
