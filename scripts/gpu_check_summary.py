@@ -44,8 +44,8 @@ def _bench(folder: Path) -> tuple[str, list[str]]:
     return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), lines
 
 
-def _profile(folder: Path) -> str:
-    path = folder / "profile" / "profile.json"
+def _profile(folder: Path, name: str = "profile") -> str:
+    path = folder / name / "profile.json"
     if not path.exists():
         return "no profile.json"
     p = json.loads(path.read_text())
@@ -94,6 +94,7 @@ def summary(folder: Path, total_s: str) -> str:
         "bench-resume": bench_counts,
         "tune": _tune(folder),
         "profile": _profile(folder),
+        "profile-mix-order-on": _profile(folder, "profile-mix-order-on"),
         "memcheck": _tail(folder / "memcheck.log", r"ERROR SUMMARY|Error|error"),
         "train": _train(folder),
     }

@@ -2,11 +2,13 @@
 # The second call of a GPU session, on the machine scripts/gpu_check.sh has just run on (still warm: its Triton,
 # inductor and fla caches make a benchmark case ~6 s instead of 12 s or more):
 #
-#   scripts/gpu_followup.sh [OUT_DIR]
+#   scripts/gpu_followup.sh [OUT_DIR [SHARDS_DIR]]
 #
 # Within GPU_FOLLOWUP_SECONDS (default 230): the contest benchmarks the check's budget cut (`tgolf.bench --resume`
-# into the check's own bench/), then, with what is left, the Triton GEMMs' tile search (`tgolf.bench.tune`, into
-# tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
+# into the check's own bench/); where torch lacks the fix of pytorch#179423, a few profiled baseline steps with
+# inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
+# tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; then, with what is left, the Triton GEMMs'
+# tile search (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
 # comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
 # bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
 #
@@ -20,9 +22,11 @@ PY=${PYTHON:-python3}
 BUDGET=${GPU_FOLLOWUP_SECONDS:-230}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 SKIP=" ${GPU_CHECK_SKIP:-} "
+DATA=${2:-}
 case $DEVICE in
-  cuda) BENCH_ARGS=(--shapes contest --device cuda); TUNE_ENV=() ;;
-  cpu) BENCH_ARGS=(--shapes quick --device cpu --no-compile); TUNE_ENV=(TRITON_INTERPRET=1) ;;
+  cuda) BENCH_ARGS=(--shapes contest --device cuda); TUNE_ENV=(); RUN_ARGS=(--preset baseline); AB_LIMIT=100 ;;
+  cpu) BENCH_ARGS=(--shapes quick --device cpu --no-compile); TUNE_ENV=(TRITON_INTERPRET=1)
+    RUN_ARGS=(--preset smoke --device cpu --compile off); AB_LIMIT=60 ;;
   *) echo "GPU_CHECK_DEVICE=$DEVICE: expected cuda or cpu" >&2; exit 2 ;;
 esac
 T0=$(date +%s)
@@ -39,13 +43,23 @@ mkdir -p "$OUT_DIR" || exit 1
 source scripts/gpu_steps.sh
 
 log "tgolf GPU follow-up → $DIR (budget ${BUDGET}s)"
-# The benchmarks first (what the kernel issues wait for), three quarters of the budget at most; 40 s of it is the
-# margin for the case in flight when the time budget passes.
-limit=$((BUDGET * 3 / 4))
+# exit status 0: this torch lacks the cap on mix-order reductions, so the check ran with them off
+$PY -c "import sys, torch._inductor.config as c; sys.exit(hasattr(c.triton, 'mix_order_reduction_max_reads'))" \
+  2>/dev/null || AB_LIMIT=0
+# The benchmarks first (what the kernel issues wait for), three quarters of what the A/B profile leaves at most; 40 s
+# of it is the margin for the case in flight when the time budget passes.
+limit=$(((BUDGET - AB_LIMIT) * 3 / 4))
 step bench-resume "$limit" bench-resume.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --resume "$DIR/bench" \
   --out "$DIR/bench" --time-budget $((limit > 41 ? limit - 40 : 1))
+if ((AB_LIMIT > 0)); then
+  step profile-mix-order-on "$AB_LIMIT" profile-mix-order-on.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
+    $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} --mix-order-reduction on --steps 3 --warmup 2 \
+    --no-charts --out "$DIR/profile-mix-order-on"
+else
+  skipped profile-mix-order-on "torch has the fix of pytorch#179423: nothing to compare" profile-mix-order-on.log
+fi
 left=$((BUDGET - ($(date +%s) - T0) - 20))
 step tune "$left" tune.log env "${TUNE_ENV[@]}" $PY -m tgolf.bench.tune --device "$DEVICE" --out "$DIR/tune" \
   --time-budget $((left > 31 ? left - 30 : 1))
 archive "$(cat "$DIR/total.txt" 2>/dev/null || echo "? (check)") + $(($(date +%s) - T0)) (follow-up)" gpu_followup \
-  bench/bench.md tune/tune.md
+  bench/bench.md tune/tune.md profile-mix-order-on/profile.md
