@@ -120,3 +120,31 @@ def test_unknown_device_is_refused(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT)], env={**os.environ, "GPU_CHECK_DEVICE": "tpu", "TMPDIR": str(tmp_path)},
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "GPU_CHECK_DEVICE=tpu" in proc.stderr
+
+
+def _quality(tmp_path: Path, data: Path, lengths: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu",
+           "QUALITY_SECONDS": "30"}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_quality.sh"), str(data), str(tmp_path / "q"), lengths],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_quality_comparison_runs_in_two_calls_and_keeps_the_first(tmp_path, tiny_shards):
+    """Issue 6's softmax / linear / hybrid comparison: one length, then both, the second call reusing the first's
+    runs, one table of all six, archived."""
+    proc = _quality(tmp_path, tiny_shards, "32")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    (folder,) = (tmp_path / "tgolf_gpu_quality" / "profiles").iterdir()
+    assert folder.name.endswith("-quality")
+    proc = _quality(tmp_path, tiny_shards, "32,64")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = json.loads((folder / "sweep" / "sweep.json").read_text())["rows"]
+    assert sorted((r["attention"], r["train_seq_len"]) for r in rows) == sorted(
+        (a, t) for a in ("softmax", "linear", "hybrid") for t in ("32", "64"))
+    assert all(r["status"] == "ok" and r["val_bpb"] > 0 for r in rows), rows
+    assert (folder / "sweep-32-64.log").read_text().count("reusing") == 3  # the first call's runs, not rerun
+    assert _steps(folder) == {"sweep-32": "ok", "sweep-32-64": "ok"}
+    assert (tmp_path / "q" / "sweep.md").read_text().count("| ok |") == 6
+    with tarfile.open(tmp_path / "q" / "gpu_quality.tar.gz") as tar:
+        assert f"profiles/{folder.name}/sweep/sweep.json" in tar.getnames()
