@@ -133,6 +133,35 @@ def test_qatlinear_export_codes_equal_training_codes(backend, gemm):
         opt.zero_grad()
 
 
+def test_qatlinear_dense_weight_is_made_once_per_update_and_dtype(backend, monkeypatch):
+    """Micro-batches between optimizer steps reuse one dequantized weight; it follows the weight and the compute
+    dtype, and the straight-through gradient still reaches the latent weight."""
+    calls = []
+    real = ops.qat_dense_weight
+    monkeypatch.setattr("tgolf.nn.quant.qat_dense_weight", lambda *a: calls.append(a[-1]) or real(*a))
+    layer = QATLinear(24, 10, bits=6, group_size=8)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(5, 24)
+    outs = [layer(x) for _ in range(3)]  # three micro-batches
+    assert calls == [torch.float32] and all(torch.equal(o, outs[0]) for o in outs)
+    sum(o.square().sum() for o in outs).backward()
+    grad = layer.weight.grad.clone()
+    expected = F.linear(x, ref.dequantize_weight(*ref.quantize_weight(layer.weight, 6, 8), 8))
+    assert rel_err(outs[0], expected) < 1e-6
+    assert torch.allclose(grad, sum(2 * o.detach() for o in outs).T @ x, rtol=1e-5, atol=1e-5)  # STE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+    assert calls == [torch.float32, torch.bfloat16]
+    opt.step()
+    after = layer(x)
+    assert len(calls) == 3 and not torch.equal(after, outs[0])
+    layer.weight.data.mul_(-1)  # a write through .data: invalidate() is the escape hatch
+    layer.invalidate()
+    assert torch.allclose(layer(x), -after, atol=1e-6) and len(calls) == 4
+    with pytest.raises(ValueError, match="dequantized: expected torch.float32"):
+        ops.qat_linear(x, layer.weight, dequantized=torch.zeros(10, 24, dtype=torch.bfloat16))
+
+
 def test_qatlinear_is_a_drop_in_linear():
     layer = QATLinear(20, 12, bias=True, bits=6)
     plain = torch.nn.Linear(20, 12, bias=True)

@@ -10,8 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tgolf.nn.weight_cache import PerUpdateCache
 from tgolf.ops.quant import (QAT_GEMMS, check_bits, check_clip, check_group_size, fp8_linear, fp8_supported,
-                             qat_linear)
+                             qat_dense_weight, qat_linear)
 from tgolf.ops.quant.reference import check_fp8_scaling, quantize_weight
 
 
@@ -22,7 +23,7 @@ def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class QATLinear(nn.Linear):
+class QATLinear(PerUpdateCache, nn.Linear):
     """``nn.Linear`` whose forward uses the ``bits``-bit symmetric quantization of its weight (STE backward).
 
     One scale per output row (``group_size=None``) or per ``group_size`` input columns. Clip: the absmax by
@@ -30,8 +31,11 @@ class QATLinear(nn.Linear):
     lets the weights adapt to the grid; ``clip_sigmas`` (× RMS of the row or group) is the cheap alternative,
     ``clip_quantile`` sorts every row (torch.quantile) each step and is meant for experiments only.
     ``gemm``: "dense" (dequantized copy + cuBLAS, the default: measured faster on an H100) or "fused" (Triton GEMMs
-    reading int8 codes), same values; see ``tgolf.ops.qat_linear``.
+    reading int8 codes), same values; see ``tgolf.ops.qat_linear``. The "dense" weight operand is made once per
+    weight update (tgolf.nn.weight_cache), not once per micro-batch.
     """
+
+    CACHE_SLOTS = ("_dense",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, bits: int = 6,
                  group_size: int | None = None, clip_sigmas: float | None = None,
@@ -44,10 +48,17 @@ class QATLinear(nn.Linear):
         if gemm not in QAT_GEMMS:
             raise ValueError(f"gemm={gemm!r}: expected one of {QAT_GEMMS}")
         self.clip_sigmas, self.clip_quantile, self.gemm = clip_sigmas, clip_quantile, gemm
+        self._dense: tuple | None = None  # (key, dequantized weight in the compute dtype)
+
+    def _cache_settings(self) -> tuple:
+        return (self.bits, self.group_size, self.clip_sigmas, self.clip_quantile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qat_linear(_autocast_input(x), self.weight, self.bias, self.bits, self.group_size,
-                          self.clip_sigmas, self.clip_quantile, self.gemm)
+        x = _autocast_input(x)
+        settings = self._cache_settings()
+        dequantized = (self._memo("_dense", x.dtype, lambda: qat_dense_weight(self.weight, *settings, x.dtype))
+                       if self.gemm == "dense" else None)
+        return qat_linear(x, self.weight, self.bias, *settings, self.gemm, dequantized)
 
     @torch.no_grad()
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,43 +3,23 @@
 The latent weight stays a full-precision ``weight`` parameter (same state dict as ``nn.Linear``); the forward
 quantizes it (tgolf.ops.ternary) and gradients reach it through a straight-through estimator.
 
-Quantization cache: the codes, scales and 2-bit packed codes are computed once per weight update, not once per
-micro-batch. The cache key is (global optimizer-step counter, ``weight._version``, storage address, dtype, device):
-
-* ``weight._version`` grows with every in-place change made through the parameter (``optimizer.step()`` under
-  ``no_grad``, ``copy_``, ``load_state_dict``); the storage address changes when ``.to()``/``.cuda()`` swap it;
-* a global hook (``torch.optim.optimizer.register_optimizer_step_post_hook``) counts every ``step()`` of every
-  torch optimizer, which also catches optimizers that write through ``p.data`` (no version bump there).
-  Anything else that writes through ``weight.data`` must call ``invalidate()``.
-
-A refresh allocates new tensors (never writes into old ones), so the codes saved by an earlier forward for its
-backward stay intact. Under ``torch.compile`` no Python-side state can be trusted inside the graph, so the
-quantization is traced into the graph and runs every forward (one pass over the weight, small beside the GEMMs).
+Quantization cache (tgolf.nn.weight_cache): the codes, scales, 2-bit packed codes and the dequantized copy of the
+"dense" GEMMs are made once per weight update, not once per micro-batch.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from tgolf.nn.weight_cache import PerUpdateCache
 from tgolf.ops.ternary import (PACKED_MAX_M, check_gemm, compute_dtype, default_gemm, dense_weight, int8_linear,
                                packed_matmul, ternary_linear_quantized, ternary_quantize)
 from tgolf.ops.ternary.reference import check_act_bits, group_count
 
 __all__ = ["TernaryLinear"]
 
-_optimizer_steps = 0
 
-
-def _count_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-register_optimizer_step_post_hook(_count_step)
-
-
-class TernaryLinear(nn.Linear):
+class TernaryLinear(PerUpdateCache, nn.Linear):
     """``nn.Linear`` with ternary weights (BitNet b1.58); ``act_bits=8`` adds per-token int8 activations.
 
     ``group_size``: None for one absmean scale per output row, else one per ``group_size`` input columns.
@@ -47,6 +27,8 @@ class TernaryLinear(nn.Linear):
     per weight update; the default without ``act_bits``: measured faster) or "codes" (Triton GEMMs reading the int8
     codes; the default and only choice with ``act_bits=8``). See ``tgolf.ops.ternary.default_gemm``.
     """
+
+    CACHE_SLOTS = ("_cache", "_dense")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None,
                  act_bits: int | None = None, gemm: str | None = None, device=None, dtype=None):
@@ -61,32 +43,8 @@ class TernaryLinear(nn.Linear):
         self._cache: tuple | None = None  # (key, (codes, scales, packed))
         self._dense: tuple | None = None  # (key, dense weight in the compute dtype)
 
-    def _cache_key(self) -> tuple | None:
-        w = self.weight
-        try:
-            version = w._version
-        except RuntimeError:  # inference-mode tensors have no version counter: never cache
-            return None
-        return (_optimizer_steps, version, w.data_ptr(), w.dtype, w.device, self.group_size)
-
-    def invalidate(self) -> None:
-        """Forget the cached quantization (after writing the weight through ``weight.data``)."""
-        self._cache = self._dense = None
-
-    def _memo(self, slot: str, extra, make):
-        """``make()`` once per weight update (and per ``extra``), kept in the attribute ``slot`` as (key, value);
-        recomputed every call under torch.compile (no Python-side state can be trusted inside the graph) and for
-        weights without a version counter."""
-        if torch.compiler.is_compiling():
-            return make()
-        key = self._cache_key()
-        cached = getattr(self, slot)
-        if key is not None and cached is not None and cached[0] == (key, extra):
-            return cached[1]
-        with torch.no_grad():
-            value = make()
-        setattr(self, slot, None if key is None else ((key, extra), value))
-        return value
+    def _cache_settings(self) -> tuple:
+        return (self.group_size,)
 
     def quantized(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(codes int8 [N, K], scales f32 [N, G], packed uint8 [N, ⌈K/4⌉]) of the current weight."""

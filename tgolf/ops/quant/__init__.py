@@ -218,8 +218,16 @@ qat_dense_matmul.register_autograd(_dense_backward, setup_context=_dense_setup)
 QAT_GEMMS = ("fused", "dense")
 
 
+def qat_dense_weight(weight: Tensor, bits: int, group_size: int | None, clip_sigmas: float | None,
+                     clip_quantile: float | None, dtype: torch.dtype) -> Tensor:
+    """dequant(quant(weight)) in ``dtype``, detached: the weight operand of ``gemm="dense"`` (QATLinear keeps it for
+    all the micro-batches of one weight update)."""
+    return torch.ops.tgolf.qat_fake_quantize(weight.detach(), bits, group_size, clip_sigmas, clip_quantile, dtype)
+
+
 def qat_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, bits: int = 6, group_size: int | None = None,
-               clip_sigmas: float | None = None, clip_quantile: float | None = None, gemm: str = "dense") -> Tensor:
+               clip_sigmas: float | None = None, clip_quantile: float | None = None, gemm: str = "dense",
+               dequantized: Tensor | None = None) -> Tensor:
     """``x @ dequant(quant(weight)).T + bias`` in x's dtype, with the straight-through gradient to ``weight``.
 
     Symmetric ``bits``-bit codes (4–8) with one scale per row (``group_size=None``) or per ``group_size``
@@ -229,6 +237,7 @@ def qat_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, bits: int 
     inside the Triton GEMMs, no bf16 copy of the weight); both compute the same values. "dense" is the default
     because it was measured faster: on an H100 (profiles/2026-11-27-NVIDIA-H100-80GB-HBM3, M = 65,536, int6)
     forward+backward 1.07 vs 1.26 ms at K512 N1024, 0.81 vs 0.92 at K1024 N512, 1.42 vs 2.17 at K768 N3072.
+    ``dequantized``: with "dense", ``qat_dense_weight(weight, ...)`` made earlier for this same weight (a cache).
     """
     check_bits(bits)
     check_group_size(group_size)
@@ -238,8 +247,11 @@ def qat_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, bits: int 
         raise ValueError(f"gemm={gemm!r}: expected one of {QAT_GEMMS}")
     x2 = x.reshape(-1, weight.shape[1])
     if gemm == "dense":
-        dequantized = torch.ops.tgolf.qat_fake_quantize(weight.detach(), bits, group_size, clip_sigmas,
-                                                        clip_quantile, x.dtype)
+        if dequantized is None:
+            dequantized = qat_dense_weight(weight, bits, group_size, clip_sigmas, clip_quantile, x.dtype)
+        elif dequantized.shape != weight.shape or dequantized.dtype != x.dtype:
+            raise ValueError(f"dequantized: expected {x.dtype} {tuple(weight.shape)} (the weight's shape in x's "
+                             f"dtype), got {dequantized.dtype} {tuple(dequantized.shape)}")
         out = torch.ops.tgolf.qat_dense_matmul(x2, weight, dequantized, bias)
     else:
         codes, scales = torch.ops.tgolf.qat_quantize(weight.detach(), bits, group_size, clip_sigmas, clip_quantile)
@@ -374,5 +386,5 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scaling: s
 register_op("quant.qat_linear", qat_choice)
 register_op("quant.fp8_linear", fp8_choice)
 
-__all__ = ["qat_linear", "fp8_linear", "qat_quantize", "qat_fake_quantize", "fp8_quantize", "QAT_GEMMS", "fp8_supported", "check_bits",
+__all__ = ["qat_linear", "qat_dense_weight", "fp8_linear", "qat_quantize", "qat_fake_quantize", "fp8_quantize", "QAT_GEMMS", "fp8_supported", "check_bits",
            "check_group_size", "check_clip", "check_linear_shapes"]
