@@ -1,14 +1,17 @@
 """Quantization-aware linear layers: fake-quant QAT (int4–int8 weights) and fp8 GEMMs.
 
 Anchors: bf16 ``F.linear`` (cuBLAS), the eager reference and its torch.compile (the fake-quant cost is the
-overhead a QAT kernel must remove), and each op's alternative mode.
+overhead a QAT kernel must remove), each op's alternative mode, and QATLinear's call between optimizer steps
+(``cached``: its dequantized weight made once per update).
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from tgolf.bench.anchors import compiled, cublas_linear, eager, generator, lazy, op, randn
-from tgolf.bench.core import BenchCase
+from tgolf.bench.core import BenchCase, Impl
 
 _SHAPES = {
     "quick": [(48, 96, 80)],
@@ -39,11 +42,29 @@ _VARIANTS = {"qat_linear": {"fused_gemm": dict(gemm="fused")},
              "fp8_linear": {"fp8_backward": dict(fp8_backward=True), "row_scaling": dict(scaling="row")}}
 
 
+def _cached_dense(bits: int, group_size: int | None = None) -> Impl:
+    """QATLinear's training call between optimizer steps: the dequantized weight already made (untimed, in
+    ``prepare``), so only the cuBLAS GEMMs remain; the candidate quantizes on every call."""
+    def prepare(inputs: tuple) -> tuple:
+        from tgolf.ops.quant import qat_dense_weight
+
+        x, w = inputs
+        return x, w, qat_dense_weight(w, bits, group_size, None, None, x.dtype)
+
+    def load() -> Callable:
+        from tgolf.ops.quant import qat_linear
+
+        return lambda x, w, dense: qat_linear(x, w, None, bits, group_size, dequantized=dense)
+    return Impl(load, prepare=prepare)
+
+
 def _case(name: str, m: int, k: int, n: int, precision: str, label: str, **kwargs) -> BenchCase:
     reference = lazy(f"tgolf.ops.quant.reference:{name}_reference", bias=None, **kwargs)
     anchors = {"cublas_bf16": cublas_linear(), "eager": eager(reference), "compiled": compiled(reference),
                **{variant: op(f"tgolf.ops.quant:{name}", bias=None, **{**kwargs, **extra})
                   for variant, extra in _VARIANTS[name].items()}}
+    if name == "qat_linear":
+        anchors["cached"] = _cached_dense(**kwargs)
     return BenchCase(
         op=f"quant.{name}", label=f"M{m} K{k} N{n} {label}", shape=dict(M=m, K=k, N=n),
         make_inputs=_inputs(m, k, n), candidate=op(f"tgolf.ops.quant:{name}", bias=None, **kwargs),
