@@ -212,7 +212,8 @@ class Trainer:
         ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
         mine, theirs = self.cfg.to_dict(), ckpt.config
         ignored = {"resume", "max_wallclock_seconds", "iterations", "checkpoint_every", "submission_dir",
-                   "val_loss_every", "train_log_every", "out_dir", "compile", "device", "profile_steps"}
+                   "val_loss_every", "train_log_every", "out_dir", "compile", "mix_order_reduction", "device",
+                   "profile_steps"}
         differing = sorted(k for k in mine if k not in ignored and mine[k] != theirs.get(k))
         if differing:
             raise ValueError(f"--resume {path}: config differs from the checkpoint's in {differing}")
