@@ -481,3 +481,20 @@ def test_evaluate_stateful_matches_one_pass():
     assert counts == {0: 7 + 7, 8: 8 + 8, 16: 5 + 16, 32: 6}
     two = evaluate_stateful(model, tokens, 16, tables, "cpu", num_streams=2)
     assert two.overall.tokens == 57
+
+
+def test_benchmark_checks_long_cases_on_the_state_passes_they_time():
+    """A long benchmark case is checked on smaller inputs (its reference would not fit); from T = 4096 those
+    inputs still walk segments, as the timed call does, so a wrong segmented pass gets no speed figure."""
+    pytest.importorskip("triton")
+    from tgolf.bench.linear_attention import cases
+    from tgolf.kernels.linear_attention import segment_chunks
+
+    def segmented(b: int, t: int, h: int, d: int) -> bool:
+        return segment_chunks(b, h, d, d, b * t // 64) > 0
+
+    for case in cases("contest"):
+        b, t, h, d = (case.shape[key] for key in "BTHD")
+        checked = (case.check_inputs or case.make_inputs)(torch.device("cpu"), 0)[0].shape  # q [B, T, H, D]
+        assert segmented(*checked) == segmented(b, t, h, d), (case.label, tuple(checked))
+    assert any(segmented(*(c.shape[key] for key in "BTHD")) for c in cases("contest"))

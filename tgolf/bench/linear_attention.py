@@ -85,6 +85,15 @@ def _fla(scale: float):
     return first_output(load)
 
 
+def _check_inputs(t: int, h: int, d: int):
+    """Smaller inputs for the correctness check of a long case, whose reference would not fit: two sequences of
+    1024 tokens (several chunks), or from T = 4096 one sequence of 4096, so that the state passes walk segments as
+    in the timed call (tgolf.kernels.linear_attention.segment_chunks)."""
+    if t >= 4096:
+        return _inputs(1, 4096, h, d)
+    return _inputs(2, 1024, h, d) if t > 1024 else None
+
+
 def _case(b: int, t: int, h: int, d: int) -> BenchCase:
     scale = d ** -0.5
     anchors = {"sdpa_flash": Impl(_sdpa_flash, prepare=_to_bhtd, cuda_only=True),
@@ -101,8 +110,7 @@ def _case(b: int, t: int, h: int, d: int) -> BenchCase:
         # mask) plus the state read and update (2·D² each).
         flops=tokens * h * 2.0 * d * (CHUNK + 2 * d), bytes=tokens * h * (4 * 2.0 * d + 4.0),
         grad_argnums=(0, 1, 2),
-        # Check at T ≤ 1024 (two sequences): several chunks, and the reference's [T, T] matrices stay small.
-        check_inputs=_inputs(2, min(t, 1024), h, d) if t > 1024 else None,
+        check_inputs=_check_inputs(t, h, d),
     )
 
 
