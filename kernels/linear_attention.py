@@ -338,10 +338,14 @@ MAX_BLOCK_K_BACKWARD = 64
 # The state passes walk the chunks one after another; with fewer (sequence, head, Dk block) rows than this they
 # also split Dv finer (32), to keep more SMs busy (H100: 132). A fixed rule, no autotuning (GPU tuning pending).
 SEQUENTIAL_ROWS_FOR_WIDE_TILES = 256
-# The state passes cut long sequences into segments when the plain walk would run fewer programs than
-# SEGMENT_BELOW_PROGRAMS (2 per H100 SM): see segment_chunks. Fixed rules, not yet timed on a GPU.
-SEGMENT_BELOW_PROGRAMS = 264
-MIN_SEGMENT_CHUNKS, MAX_SEGMENT_CHUNKS = 4, 32
+# segment_chunks' cost model, not yet timed on a GPU: programs that progress at once (H100: 132 SMs × 4 state-pass
+# programs), a scan step's cost against a chunk step's (a tile load and store, no dot), the saving that pays for
+# two more launches and the second read, and the segment lengths tried.
+CONCURRENT_PROGRAMS = 528
+SCAN_STEP_COST = 0.66
+SEGMENT_GAIN = 0.7
+SEGMENT_CHOICES = (4, 8, 16, 32, 64)
+MIN_SEGMENTED_CHUNKS = 32  # shorter walks (2k tokens at chunks of 64) save less than two launches cost
 # Grids put what grows with the data (chunks; sequences × heads) on x: CUDA allows 2³¹−1 blocks along x but only
 # 65,535 along y and z (e.g. 65,536 chunks of 64 = 4.2M tokens in one call).
 
@@ -382,17 +386,31 @@ def _dummy(like: torch.Tensor) -> torch.Tensor:
 def segment_chunks(num_seqs: int, heads: int, dk: int, dv: int, num_chunks: int) -> int:
     """Segment length (in chunks) for the state passes of this shape; 0 = one sequential walk per sequence.
 
-    A state pass walks its chunks one after another, parallel only over sequences × heads × Dk/Dv tiles: with
-    few programs its time is the chain's length times one step's latency (the H100 forward fell to 0.69× fla's at
-    T = 32k, B = 2: 32 programs walking 512 chunks). Cut into segments of S chunks, a sequence of C chunks costs a
-    chain of 2·S + C / S steps (see _state_pass), shortest at S ≈ √(C / 2), for one more read of the chunk inputs.
-    Segments are used below SEGMENT_BELOW_PROGRAMS programs when they at least halve the chain."""
+    A state pass walks its chunks one after another, parallel only over sequences × heads × Dk/Dv tiles: with few
+    programs its time is the chain's length times one step's latency (the H100 forward fell to 0.69× fla's at
+    T = 32k, B = 2: 32 programs walking 512 chunks). Segments of S chunks cost two walks of S steps, in as many
+    waves as their programs need, plus a scan over the segments (see _state_pass), for one more read of the chunk
+    inputs. The cost model below (unit: one chunk step of one program) picks S, and segments only where they save
+    a good share (SEGMENT_GAIN): long sequences in small batches."""
     bk, bv, nk, nv = _blocks(dk, dv, num_seqs * heads)
+    programs = num_seqs * heads * nk * nv
     chunks = num_chunks // max(num_seqs, 1)  # per sequence, on average
-    if num_seqs * heads * nk * nv >= SEGMENT_BELOW_PROGRAMS or chunks < 8:
+
+    def waves(units: int) -> int:
+        return math.ceil(units / CONCURRENT_PROGRAMS)
+
+    whole = chunks * waves(programs)
+    if chunks < MIN_SEGMENTED_CHUNKS:
         return 0
-    seg = min(max(1 << round(math.log2(math.sqrt(chunks / 2))), MIN_SEGMENT_CHUNKS), MAX_SEGMENT_CHUNKS)
-    return seg if 2 * seg + math.ceil(chunks / seg) < chunks / 2 else 0
+    best, best_cost = 0, SEGMENT_GAIN * whole
+    for seg in SEGMENT_CHOICES:
+        if 2 * seg > chunks:
+            break
+        segments = math.ceil(chunks / seg)
+        cost = 2 * seg * waves(programs * segments) + SCAN_STEP_COST * segments * waves(programs)
+        if cost < best_cost:
+            best, best_cost = seg, cost
+    return best
 
 
 def _state_pass(a, b, g, init, cu, coff, segments, num_chunks: int, heads: int, chunk: int, scale: float,

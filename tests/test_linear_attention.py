@@ -277,10 +277,10 @@ def test_segmented_state_passes_match_reference(monkeypatch, seg, decay_kind):
 
 @pytest.mark.gpu
 def test_gpu_segments_equal_the_whole_walk(monkeypatch):
-    """bf16 at a long-context benchmark shape (the rule picks segments of 8 chunks) against the whole walk."""
+    """bf16 at a long-context shape (the rule picks segments) against the whole walk."""
     from tgolf.kernels import linear_attention as kern
 
-    assert kern.segment_chunks(2, 8, 64, 64, 2 * 8192 // 64) == 8
+    assert kern.segment_chunks(2, 8, 64, 64, 2 * 8192 // 64) > 0
     q, k, v = (torch.randn(2, 8192, 8, 64, device="cuda").bfloat16() for _ in range(3))
     g = F.logsigmoid(torch.randn(2, 8192, 8, device="cuda") + 4)
 
@@ -303,9 +303,10 @@ def test_segment_rule_cuts_only_long_sequences_in_few_programs():
     def seg(batch: int, seq_len: int) -> int:  # the benchmark's shapes: 65,536 tokens, 8 heads of 64, chunks of 64
         return kern.segment_chunks(batch, 8, 64, 64, batch * seq_len // 64)
 
-    assert seg(64, 1024) == 0 and seg(32, 2048) == 0  # 512 and 256 programs: the GPU is full enough
-    assert [seg(16, 4096), seg(8, 8192), seg(4, 16384), seg(2, 32768)] == [4, 8, 16, 16]  # ≈ √(chunks / 2)
-    assert seg(1, 256) == 0  # 4 chunks: segments would not halve the chain
+    assert seg(64, 1024) == seg(32, 2048) == seg(16, 4096) == 0  # 512, 256, 256 programs: busy enough already
+    assert seg(8, 8192) == seg(4, 16384) == seg(2, 32768) == 32  # 128, 64, 32 programs walking 128 to 512 chunks
+    assert seg(1, 4096) == 4 and seg(2, 8192) == 8  # fewer programs, shorter segments: more of them in parallel
+    assert seg(2, 1024) == 0 and seg(1, 256) == 0  # walks too short to pay for two more launches
 
 
 @needs_triton

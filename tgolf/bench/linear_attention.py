@@ -87,9 +87,9 @@ def _fla(scale: float):
 
 def _check_inputs(t: int, h: int, d: int):
     """Smaller inputs for the correctness check of a long case, whose reference would not fit: two sequences of
-    1024 tokens (several chunks), or from T = 4096 one sequence of 4096, so that the state passes walk segments as
-    in the timed call (tgolf.kernels.linear_attention.segment_chunks)."""
-    if t >= 4096:
+    1024 tokens (several chunks), or from T = 8192, where the timed call's state passes walk segments
+    (tgolf.kernels.linear_attention.segment_chunks), one sequence of 4096, whose passes walk segments too."""
+    if t >= 8192:
         return _inputs(1, 4096, h, d)
     return _inputs(2, 1024, h, d) if t > 1024 else None
 
