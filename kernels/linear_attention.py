@@ -346,6 +346,8 @@ SCAN_STEP_COST = 0.66
 SEGMENT_GAIN = 0.7
 SEGMENT_CHOICES = (4, 8, 16, 32, 64)
 MIN_SEGMENTED_CHUNKS = 32  # shorter walks (2k tokens at chunks of 64) save less than two launches cost
+# True forces one walk per sequence whatever the shape: the benchmark's anchor for what the segments save.
+WHOLE_WALK = False
 # Grids put what grows with the data (chunks; sequences × heads) on x: CUDA allows 2³¹−1 blocks along x but only
 # 65,535 along y and z (e.g. 65,536 chunks of 64 = 4.2M tokens in one call).
 
@@ -392,6 +394,8 @@ def segment_chunks(num_seqs: int, heads: int, dk: int, dv: int, num_chunks: int)
     waves as their programs need, plus a scan over the segments (see _state_pass), for one more read of the chunk
     inputs. The cost model below (unit: one chunk step of one program) picks S, and segments only where they save
     a good share (SEGMENT_GAIN): long sequences in small batches."""
+    if WHOLE_WALK:
+        return 0
     bk, bv, nk, nv = _blocks(dk, dv, num_seqs * heads)
     programs = num_seqs * heads * nk * nv
     chunks = num_chunks // max(num_seqs, 1)  # per sequence, on average

@@ -485,8 +485,9 @@ def test_evaluate_stateful_matches_one_pass():
 
 
 def test_benchmark_checks_long_cases_on_the_state_passes_they_time():
-    """A long benchmark case is checked on smaller inputs (its reference would not fit); from T = 4096 those
-    inputs still walk segments, as the timed call does, so a wrong segmented pass gets no speed figure."""
+    """A long benchmark case is checked on smaller inputs (its reference would not fit); where the timed call walks
+    segments those inputs do too, so a wrong segmented pass gets no speed figure, and the whole walk is timed beside
+    it."""
     pytest.importorskip("triton")
     from tgolf.bench.linear_attention import cases
     from tgolf.kernels.linear_attention import segment_chunks
@@ -498,4 +499,21 @@ def test_benchmark_checks_long_cases_on_the_state_passes_they_time():
         b, t, h, d = (case.shape[key] for key in "BTHD")
         checked = (case.check_inputs or case.make_inputs)(torch.device("cpu"), 0)[0].shape  # q [B, T, H, D]
         assert segmented(*checked) == segmented(b, t, h, d), (case.label, tuple(checked))
+        assert ("whole_walk" in case.anchors) == segmented(b, t, h, d), case.label  # what the segments save
     assert any(segmented(*(c.shape[key] for key in "BTHD")) for c in cases("contest"))
+
+
+@needs_triton
+def test_whole_walk_anchor_turns_segments_off_for_its_call_only(monkeypatch):
+    from tgolf.bench.linear_attention import _whole_walk
+    from tgolf.kernels import linear_attention as kern
+
+    walks = []
+    state_pass = kern._state_pass
+    monkeypatch.setattr(kern, "_state_pass", lambda *args: walks.append(args[6] is None) or state_pass(*args))
+    q, k, v = (torch.randn(1, 2048, 1, 16) for _ in range(3))  # 32 chunks, one program: segments by default
+    g = make_decay("token", 1, 2048, 1)
+    segmented = linear_attention(q, k, v, decay=g)
+    whole = _whole_walk(1.0).load()(q, k, v, g)
+    assert walks == [False, True] and not kern.WHOLE_WALK
+    assert rel(whole, segmented) < 1e-5

@@ -3,7 +3,8 @@
 Anchors: softmax attention through ``F.scaled_dot_product_attention`` restricted to the flash backend (what
 linear attention must beat to pay at contest lengths), fla's ``chunk_simple_gla`` where ``fla`` imports, and
 the plain-PyTorch masked quadratic form batched over sequences (eager and compiled) at lengths where its
-[B, H, T, T] matrices fit. Correctness is checked against the family's reference.
+[B, H, T, T] matrices fit, and where tgolf's state passes walk segments, its own forward without them
+(``whole_walk``). Correctness is checked against the family's reference.
 """
 from __future__ import annotations
 
@@ -41,6 +42,23 @@ def _candidate(scale: float):
 
         return lambda q, k, v, g: linear_attention(q, k, v, decay=g, scale=scale)
     return first_output(load)
+
+
+def _whole_walk(scale: float) -> Impl:
+    """tgolf's forward with its state passes walking each sequence whole (kernels' WHOLE_WALK): beside the candidate
+    where that one walks segments, what the segments save. Forward only: the backward runs after the call returns."""
+    def load():
+        from tgolf.kernels import linear_attention as kern
+        from tgolf.ops.linear_attention import linear_attention
+
+        def attend(q, k, v, g):
+            kern.WHOLE_WALK = True
+            try:
+                return linear_attention(q, k, v, decay=g, scale=scale)
+            finally:
+                kern.WHOLE_WALK = False
+        return attend
+    return Impl(first_output(load), forward_only=True)
 
 
 def _reference(scale: float):
@@ -85,11 +103,17 @@ def _fla(scale: float):
     return first_output(load)
 
 
+def _segmented(t: int) -> bool:
+    """Whether the timed call's state passes walk segments (tgolf.kernels.linear_attention.segment_chunks): at
+    65,536 tokens, from T = 8192 (tests/test_linear_attention.py checks this against the cost model)."""
+    return t >= 8192
+
+
 def _check_inputs(t: int, h: int, d: int):
     """Smaller inputs for the correctness check of a long case, whose reference would not fit: two sequences of
-    1024 tokens (several chunks), or from T = 8192, where the timed call's state passes walk segments
-    (tgolf.kernels.linear_attention.segment_chunks), one sequence of 4096, whose passes walk segments too."""
-    if t >= 8192:
+    1024 tokens (several chunks), or, where the timed passes walk segments, one sequence of 4096, whose passes
+    walk segments too."""
+    if _segmented(t):
         return _inputs(1, 4096, h, d)
     return _inputs(2, 1024, h, d) if t > 1024 else None
 
@@ -98,6 +122,8 @@ def _case(b: int, t: int, h: int, d: int) -> BenchCase:
     scale = d ** -0.5
     anchors = {"sdpa_flash": Impl(_sdpa_flash, prepare=_to_bhtd, cuda_only=True),
                "fla_chunk": Impl(_fla(scale), cuda_only=True)}
+    if _segmented(t):
+        anchors["whole_walk"] = _whole_walk(scale)
     if t <= _QUADRATIC_MAX_T:
         quadratic = _quadratic_batched(scale)
         anchors.update(eager=eager(quadratic), compiled=compiled(quadratic))
