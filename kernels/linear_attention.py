@@ -93,8 +93,9 @@ def chunk_state_kernel(a_ptr, b_ptr, g_ptr, init_ptr, h_ptr, out_ptr, gsum_ptr, 
     * backward (REVERSE=True): a = q, b = do (query heads), w = exp(b), chunks last to first.
 
     WRITE_H stores the state met before each chunk at h[coff[n] + c] (forward: entering chunk c; backward: the
-    gradient w.r.t. the state leaving it). The final state goes to out_ptr[unit]; with segments and HAS_G, the
-    segment's total log decay Σ b_L goes to gsum_ptr[segment, head] (segment_scan_kernel chains them).
+    gradient w.r.t. the state leaving it). A whole walk, and a segment's first walk (from zero, without WRITE_H),
+    store the final state at out_ptr[unit]; that first walk, with HAS_G, also the segment's total log decay Σ b_L
+    at gsum_ptr[segment, head] (segment_scan_kernel chains them).
     """
     i_row, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     unit, i_h = i_row // H, i_row % H
@@ -135,9 +136,10 @@ def chunk_state_kernel(a_ptr, b_ptr, g_ptr, init_ptr, h_ptr, out_ptr, gsum_ptr, 
                 at = at.to(tl.float32) * tl.exp(b_last - b)[None, :]
             gsum += b_last
         state += _mm(at, bb, DOT_DTYPE, PREC) * scale
-    tl.store(out_ptr + unit.to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
-    if SEG > 0 and HAS_G and i_k == 0 and i_v == 0:
-        tl.store(gsum_ptr + unit * H + i_h, gsum)
+    if SEG == 0 or not WRITE_H:  # a segment's second walk (WRITE_H) already has its end state and decay
+        tl.store(out_ptr + unit.to(tl.int64) * H * DK * DV + state_offs, state, mask=mask_kv)
+        if SEG > 0 and HAS_G and i_k == 0 and i_v == 0:
+            tl.store(gsum_ptr + unit * H + i_h, gsum)
 
 
 @triton.jit
@@ -451,7 +453,7 @@ def _state_pass(a, b, g, init, cu, coff, segments, num_chunks: int, heads: int, 
     segment_scan_kernel[(n * heads, nk, nv)](
         local, gsum, init if init is not None else _dummy(a), entry, final, soff, heads, dk, dv, BK=bk, BV=bv,
         REVERSE=reverse, HAS_G=has_g, HAS_INIT=init is not None)
-    walk(slots, entry, h, local, gsum, stab, seg, True)  # the end states land in `local` again (no longer read)
+    walk(slots, entry, h, _dummy(a), gsum, stab, seg, True)
     return h, final
 
 

@@ -40,9 +40,9 @@ class PinnedStaging:
     """One page-locked host buffer, reused for every host-to-device copy of training tokens.
 
     Pinning a fresh tensor per copy (``tensor.pin_memory()``) allocates page-locked memory each time: on the H100
-    of profiles/2026-11-27-NVIDIA-H100-80GB-HBM3 that cost ~5 ms per 512 KB micro-batch, 92 ms of a 456 ms step
-    with the GPU idle. The buffer is rewritten only after its previous copy has completed (a CUDA event), so a
-    non-blocking copy never reads tokens of the next step.
+    of profiles/2026-11-27-NVIDIA-H100-80GB-HBM3 that cost ~5.4 ms per 512 KB micro-batch (86.6 ms of the 509 ms
+    step 6), with the GPU idle. The buffer is rewritten only after its previous copy has completed (a CUDA event),
+    so a non-blocking copy never reads tokens of the next step.
     """
 
     def __init__(self) -> None:
