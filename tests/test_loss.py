@@ -210,3 +210,22 @@ def test_cuda_chunk_kernel_only_for_the_vocabularies_it_was_measured_faster_at(m
     assert described.backend == "cuda" and f"V ≤ {L.CUDA_MAX_VOCAB}" in described.reason and "triton" in described.reason
     monkeypatch.setenv("TGOLF_BACKEND", "cuda")
     assert L._chunk_choice(device, 8192).backend == "cuda"
+
+
+def test_benchmark_times_l2_sized_chunks_beside_the_default():
+    """The contest cases carry the op with 8 and 16 MB logits chunks (the A/B of chunk_rows_for's guess), each
+    bound to its row count and computing what the op computes."""
+    from tgolf.bench.loss import cases
+
+    by_label = {case.label: case for case in cases("contest")}
+    rows = {label: {name: impl.load().keywords["chunk_rows"] for name, impl in case.anchors.items()
+                    if name.startswith("chunk_")} for label, case in by_label.items()}
+    assert rows["N65536 D512 V8192"] == {"chunk_8mb": 512, "chunk_16mb": 1024}
+    assert rows["N65536 D512 V1024"] == {"chunk_8mb": 4096, "chunk_16mb": 8192}
+    assert not any(name.startswith("chunk_") for name in cases("quick")[0].anchors)  # one chunk: nothing to compare
+
+    gen = torch.Generator().manual_seed(5)
+    h, w = torch.randn(300, 24, generator=gen), torch.randn(50, 24, generator=gen)
+    t = torch.randint(0, 50, (300,), generator=gen)
+    anchor = by_label["N65536 D512 V8192"].anchors["chunk_8mb"].load()
+    torch.testing.assert_close(anchor(h, w, t), softcap_cross_entropy(h, w, t, softcap=30.0))
