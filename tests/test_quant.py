@@ -197,6 +197,47 @@ def test_fp8_quantize_exact(backend, poisoned, fmt, scaling):
         assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # powers of two
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_fp8_quantize_fusible_equals_the_reference_bit_for_bit(fmt, scaling):
+    """The quantization torch.compile sees (integer operations on the fp32 bits) against the reference's frexp and
+    ldexp: the grid, ties, subnormals, amax at and beside the format's max, amax below AMAX_RANGE, zero rows."""
+    top = torch.finfo(ref.FP8_FORMATS[fmt]).max
+    edges = torch.tensor([[top, 1.0], [top * (1 + 2 ** -23), 1.0], [top * (1 - 2 ** -24), -2.0],
+                          [2.0 ** -70, -(2.0 ** -72)], [0.0, -0.0]])
+    for x in (fp8_grid_rows(ref.FP8_FORMATS[fmt]), torch.randn(37, 70) * torch.logspace(-6, 3, 37)[:, None],
+              edges):
+        q, s = ops.fp8_quantize_fusible(x, fmt, scaling)
+        rq, rs = ref.quantize_fp8(x, fmt, scaling)
+        assert q.dtype == rq.dtype and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+        assert s.shape == rs.shape and torch.equal(s, rs)
+
+
+def test_compiled_fp8_linear_quantizes_inside_the_kernel_that_produces_x():
+    """Under torch.compile (inductor; its CPU backend here) the activation's fp8 quantization joins the RMSNorm
+    kernel that produces the activation: one kernel computes the norm, its amax and its codes, the norm's output
+    is never written out, and the opaque fp8_quantize op is gone. Outputs and gradients equal the eager op's."""
+    from torch._inductor.utils import run_and_get_code
+
+    def layer(x, w):
+        return ops.fp8_linear(F.rms_norm(x, (x.shape[-1],)), w, None, "row")
+
+    def run(fn, x, w):
+        out = fn(x, w)
+        return out, torch.autograd.grad(out.square().sum(), (x, w))
+
+    x, w = torch.randn(2, 20, 48, requires_grad=True), torch.randn(36, 48, requires_grad=True)
+    (out, grads), (forward_code, *_) = run_and_get_code(run, torch.compile(layer, fullgraph=True), x, w)
+    want_out, want_grads = run(layer, x, w)
+    assert torch.equal(out, want_out)
+    for got, want in zip(grads, want_grads):
+        assert rel_err(got, want) < 1e-5
+    kernels = [line for line in forward_code.splitlines() if "async_compile." in line and "_fused_" in line]
+    assert any("rsqrt" in k and "amax" in k and "to_copy" in k for k in kernels), kernels
+    assert "(40, 48), (48, 1), torch.float32" not in forward_code  # no fp32 [M, K] buffer: the norm's output
+    assert "fp8_quantize" not in forward_code
+
+
 def test_fp8_scale_reference_values():
     amax = torch.tensor([448.0, 448.0001, 224.0, 1.0, 0.0])
     scale = ref.fp8_scale(amax, torch.float8_e4m3fn)
@@ -382,6 +423,38 @@ def test_gpu_fp8_quantize_exact(fmt, scaling):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("scaling", ["tensor", "row"])
+def test_gpu_compiled_fp8_quantize_fusible_exact(fmt, scaling):
+    """What inductor generates for the GPU from fp8_quantize_fusible (its own fp8 cast) equals the reference."""
+    compiled = torch.compile(ops.fp8_quantize_fusible, fullgraph=True)
+    for x in (fp8_grid_rows(ref.FP8_FORMATS[fmt]), torch.randn(300, 520) * torch.logspace(-6, 3, 300)[:, None]):
+        q, s = compiled(x.cuda(), fmt, scaling)
+        rq, rs = ref.quantize_fp8(x, fmt, scaling)
+        assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s.cpu(), rs)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_fp8_linear_quantizes_inside_the_norm_kernel():
+    """On the GPU too, inductor puts the activation's quantization into the RMSNorm's Triton kernel."""
+    from torch._inductor.utils import run_and_get_code
+
+    if not ops.fp8_supported(torch.device("cuda")):
+        pytest.skip("no fp8 tensor cores")
+
+    def layer(x, w):
+        return ops.fp8_linear(F.rms_norm(x, (x.shape[-1],)), w, None, "row")
+
+    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1536, 512, device="cuda", requires_grad=True)
+    out, (forward_code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True), x, w)
+    assert rel_err(out, layer(x, w)) < 1e-2
+    kernels = [line for line in forward_code.splitlines() if "async_compile.triton(" in line]
+    assert any("rsqrt" in k and "amax" in k for k in kernels), kernels
+    assert "fp8_quantize" not in forward_code
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("scaling", ["tensor", "row"])
 @pytest.mark.parametrize("fp8_backward", [False, True])
 @pytest.mark.parametrize("k,n", [(512, 1536), (520, 776)])  # _scaled_mm shapes, and the Triton fp8 GEMM
@@ -414,3 +487,17 @@ def test_gpu_gpt_under_autocast(kind):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_benchmark_times_the_compiled_fp8_layer_after_its_norm():
+    """The fp8 case as a compiled model runs it (quantization fused into the norm) beside the same block in bf16,
+    checked against the reference before timing."""
+    from tgolf.bench.core import RunOptions, run_case
+    from tgolf.bench.quant import cases
+
+    case = cases("quick")[-1]
+    assert case.label.endswith("fp8 row after rms_norm, compiled") and set(case.anchors) == {"compiled_bf16"}
+    assert case.candidate.compiled and case.anchors["compiled_bf16"].compiled
+    rows = run_case(case, RunOptions(device=torch.device("cpu"), quick=True, compile_anchors=True))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["rel_err"] <= case.tol for r in rows)
+    assert all(r["anchors"]["compiled_bf16"]["status"] == "ok" for r in rows)

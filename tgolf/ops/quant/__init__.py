@@ -6,7 +6,8 @@ traces them:
     qat_linear, gemm="fused" = qat_quantize (weight → int8 codes + scales, once per call) → qat_matmul (autograd:
                                 Triton GEMMs dequantizing the codes in registers, forward and input gradient)
     qat_linear, gemm="dense" = qat_fake_quantize (weight → dequantized copy in x's dtype) → qat_dense_matmul (cuBLAS)
-    fp8_linear = fp8_quantize (x and weight → e4m3 codes + power-of-two scales) → fp8_matmul (autograd)
+    fp8_linear = fp8_quantize (x and weight → e4m3 codes + power-of-two scales; under torch.compile the same
+                 math in torch ops, which inductor fuses into x's producer) → fp8_matmul (STE autograd around it)
 
 The weight gradient is always grad.T @ x (straight-through estimator: every entry, clipped ones included, gets
 the gradient of the identity), a plain GEMM with no quantized operand, left to cuBLAS (torch.matmul).
@@ -316,15 +317,15 @@ def _scaled_mm(a: Tensor, sa: Tensor, b: Tensor, sb: Tensor, out_dtype: torch.dt
 
 
 @torch.library.custom_op("tgolf::fp8_matmul", mutates_args=())
-def fp8_matmul(x: Tensor, weight: Tensor, xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, bias: Optional[Tensor],
-               fp8_backward: bool) -> Tensor:
-    """(xq·sx) @ (wq·sw).T + bias in x's dtype; ``x`` and ``weight`` only receive the STE gradients."""
-    return _scaled_mm(xq, sx, wq.T, sw, x.dtype, bias)
+def fp8_matmul(xq: Tensor, sx: Tensor, wq: Tensor, sw: Tensor, bias: Optional[Tensor],
+               out_dtype: torch.dtype) -> Tensor:
+    """(xq·sx) @ (wq·sw).T + bias in ``out_dtype``, from the fp8 codes alone (no autograd: see _Fp8LinearFn)."""
+    return _scaled_mm(xq, sx, wq.T, sw, out_dtype, bias)
 
 
 @fp8_matmul.register_fake
-def _(x, weight, xq, sx, wq, sw, bias, fp8_backward):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(xq, sx, wq, sw, bias, out_dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("tgolf::fp8_matmul_grad_input", mutates_args=())
@@ -339,30 +340,58 @@ def _(grad, wq, sw):
     return grad.new_empty((grad.shape[0], wq.shape[1]))
 
 
-def _fp8_setup(ctx, inputs, output):
-    x, weight, xq, sx, wq, sw, bias, fp8_backward = inputs
-    ctx.save_for_backward(xq, sx, wq, sw)  # fp8 codes: half the bytes of a saved bf16 x
-    ctx.fp8_backward = fp8_backward
-    ctx.weight_dtype = weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
+class _Fp8LinearFn(torch.autograd.Function):
+    """The straight-through autograd of fp8_linear around the fp8 GEMM.
+
+    ``x`` and ``weight`` enter only to receive their gradients; the GEMM reads their codes. Under torch.compile
+    that lets inductor leave the bf16 ``x`` unwritten when its quantization fuses into the kernel producing it
+    (an op taking ``x`` itself as an input would force that write). The backward saves only fp8 codes and scales:
+    half the bytes of a saved bf16 x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], xq: Tensor, sx: Tensor, wq: Tensor,
+                sw: Tensor, fp8_backward: bool) -> Tensor:
+        ctx.save_for_backward(xq, sx, wq, sw)
+        ctx.fp8_backward, ctx.weight_dtype = fp8_backward, weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return torch.ops.tgolf.fp8_matmul(xq, sx, wq, sw, bias, x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        xq, sx, wq, sw = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            if ctx.fp8_backward:
+                grad_x = torch.ops.tgolf.fp8_matmul_grad_input(grad, wq, sw)
+            else:  # power-of-two scales: the dequantized e4m3 weight is exact in bf16
+                grad_x = grad @ (wq.to(grad.dtype) * sw.to(grad.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad.T @ (xq.to(grad.dtype) * sx.to(grad.dtype))).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def _fp8_backward(ctx, grad):
-    xq, sx, wq, sw = ctx.saved_tensors
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        if ctx.fp8_backward:
-            grad_x = torch.ops.tgolf.fp8_matmul_grad_input(grad, wq, sw)
-        else:  # power-of-two scales: the dequantized e4m3 weight is exact in bf16
-            grad_x = grad @ (wq.to(grad.dtype) * sw.to(grad.dtype))
-    if ctx.needs_input_grad[1]:
-        grad_w = (grad.T @ (xq.to(grad.dtype) * sx.to(grad.dtype))).to(ctx.weight_dtype)
-    if ctx.needs_input_grad[6]:
-        grad_b = grad.sum(0).to(ctx.bias_dtype)
-    return grad_x, grad_w, None, None, None, None, grad_b, None
+# The largest finite value of each fp8 format is 1.75 · 2^MAX_EXP.
+_FP8_MAX_EXP = {fmt: int(math.log2(torch.finfo(dtype).max / 1.75)) for fmt, dtype in ref.FP8_FORMATS.items()}
 
 
-fp8_matmul.register_autograd(_fp8_backward, setup_context=_fp8_setup)
+def fp8_quantize_fusible(x: Tensor, fmt: str, scaling: str) -> tuple[Tensor, Tensor]:
+    """``reference.quantize_fp8`` (the same codes and scales, bit for bit) in integer operations on the fp32 bits.
+
+    Written for inductor, which has no exact lowering of the reference's frexp and ldexp: under torch.compile this
+    becomes part of the kernel that produces ``x`` (an RMSNorm, an activation), so the activation is read once
+    and its amax taken in the same pass. The custom op ``fp8_quantize`` is opaque to the compiler and runs as a
+    kernel of its own after ``x`` was written.
+    """
+    dtype = ref.FP8_FORMATS[fmt]
+    xf = x.float()
+    amax = xf.abs().amax() if scaling == "tensor" else xf.abs().amax(dim=1, keepdim=True)
+    bits = amax.clamp(*ref.AMAX_RANGE).view(torch.int32)
+    # scale 2^k, the smallest with amax ≤ 1.75 · 2^(MAX_EXP + k): from amax's exponent, one more above mantissa 1.75
+    k = (bits >> 23) - 127 - _FP8_MAX_EXP[fmt] + ((bits & 0x7FFFFF) > 0x600000).to(torch.int32)
+    return (xf * ((127 - k) << 23).view(torch.float32)).to(dtype), ((k + 127) << 23).view(torch.float32)
 
 
 def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scaling: str = "tensor",
@@ -377,14 +406,17 @@ def fp8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scaling: s
         raise ValueError(f"fp8_backward={fp8_backward!r}: expected a bool")
     check_linear_shapes(x, weight, bias)
     x2 = x.reshape(-1, weight.shape[1])
-    xq, sx = torch.ops.tgolf.fp8_quantize(x2.detach(), "e4m3", scaling)
-    wq, sw = torch.ops.tgolf.fp8_quantize(weight.detach(), "e4m3", scaling)
-    out = torch.ops.tgolf.fp8_matmul(x2, weight, xq, sx, wq, sw, bias, fp8_backward)
+    # compiled: quantization left to inductor, to fuse with x's producer; eager: one Triton kernel per operand
+    quantize = fp8_quantize_fusible if torch.compiler.is_compiling() else torch.ops.tgolf.fp8_quantize
+    xq, sx = quantize(x2.detach(), "e4m3", scaling)
+    wq, sw = quantize(weight.detach(), "e4m3", scaling)
+    out = _Fp8LinearFn.apply(x2, weight, bias, xq, sx, wq, sw, fp8_backward)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 register_op("quant.qat_linear", qat_choice)
 register_op("quant.fp8_linear", fp8_choice)
 
-__all__ = ["qat_linear", "qat_dense_weight", "fp8_linear", "qat_quantize", "qat_fake_quantize", "fp8_quantize", "QAT_GEMMS", "fp8_supported", "check_bits",
-           "check_group_size", "check_clip", "check_linear_shapes"]
+__all__ = ["qat_linear", "qat_dense_weight", "fp8_linear", "qat_quantize", "qat_fake_quantize", "fp8_quantize",
+           "fp8_quantize_fusible", "QAT_GEMMS", "fp8_supported", "check_bits", "check_group_size", "check_clip",
+           "check_linear_shapes"]

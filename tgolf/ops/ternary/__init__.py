@@ -11,9 +11,12 @@ backend per call with ``tgolf.backend.choose``):
 * ``ternary_int8_linear(x, codes, scales, bias?, group_size)``: act quant + int8 GEMM, no autograd (inference)
 * ``ternary_packed_mm(x, packed, scales, in_features, group_size)``: 2-bit weights, small M (decoding)
 
-``group_size`` 0 means one scale per row. The int8 path quantizes activations in a separate kernel rather than in
-the GEMM's prologue: a prologue would recompute each token's absmax once per column block, and the backward needs
-the int8 codes anyway (the weight gradient is ``(g·s_x)ᵀ @ x_codes``), so writing them costs nothing extra.
+``group_size`` 0 means one scale per row. The int8 path quantizes activations before the GEMM rather than in
+its prologue: a prologue would recompute each token's absmax once per column block, and the backward needs the
+int8 codes anyway (the weight gradient is ``(g·s_x)ᵀ @ x_codes``), so writing them costs nothing extra. Eagerly
+that is ``ternary_act_quant``'s kernel; under torch.compile it is the reference's torch ops, which inductor fuses
+into the kernel producing x (an RMSNorm, an activation): x is then read once, and never written in bf16 for the
+GEMM's sake.
 The weight gradient is a plain dense GEMM (no quantized operand: the STE hands the latent weight the gradient of
 the dequantized one) reduced over all tokens, so it goes to cuBLAS via torch.matmul.
 
@@ -311,9 +314,8 @@ class _TernaryLinearFn(torch.autograd.Function):
     """y = x @ Wqᵀ + b from cached codes; STE gradients to x and the latent weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, codes, scales, bias, group_size: int, act_bits):
-        if act_bits == 8:
-            xq, xs = torch.ops.tgolf.ternary_act_quant(x)
+    def forward(ctx, x, weight, codes, scales, bias, group_size: int, act_bits, xq=None, xs=None):
+        if act_bits == 8:  # xq, xs: x's int8 codes and token scales, made by the caller (see _quantize_act)
             y = torch.ops.tgolf.ternary_int8_mm(xq, xs, codes, scales, bias, group_size, x.dtype)
             ctx.save_for_backward(xq, xs, codes, scales)
         else:
@@ -340,7 +342,16 @@ class _TernaryLinearFn(torch.autograd.Function):
             grad_w = grad_w.to(ctx.weight_dtype)
         if ctx.needs_input_grad[4]:
             grad_b = grad.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, None, None, grad_b, None, None
+        return grad_x, grad_w, None, None, grad_b, None, None, None, None
+
+
+def _quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's per-token int8 codes and scales for the act_bits=8 GEMM. Under torch.compile: the reference's torch ops,
+    which inductor fuses into the kernel producing x (an RMSNorm, an activation), so x is read once for its amax
+    and codes; the codes are the same bit for bit. Eagerly: the activation-quantization op (one kernel)."""
+    if torch.compiler.is_compiling():
+        return quantize_activations_int8(x)
+    return torch.ops.tgolf.ternary_act_quant(x)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -414,7 +425,10 @@ def ternary_linear_quantized(x: torch.Tensor, weight: torch.Tensor, codes: torch
             raise ValueError(f"dequantized: expected shape {(n, k)}, got {tuple(dequantized.shape)}")
         y = dense_ste_matmul(x2, weight, dequantized, bias)
     else:
-        y = _TernaryLinearFn.apply(x2, weight, codes, scales, bias, gs, act_bits)
+        xq, xs = _quantize_act(x2.detach()) if act_bits == 8 else (None, None)
+        # x enters the autograd function for its gradient; with act_bits=8 its GEMM reads only xq, so under
+        # torch.compile the bf16 x need not be written when its quantization fuses into its producer
+        y = _TernaryLinearFn.apply(x2, weight, codes, scales, bias, gs, act_bits, xq, xs)
     return y.reshape(*x.shape[:-1], n)
 
 
