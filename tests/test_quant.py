@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tgolf.ops import quant as ops
 from tgolf.ops.quant import reference as ref
 from tgolf.nn.quant import FP8Linear, QATLinear
+from _inductor_code import compiled_run, gpu_layer_after_norm, output_and_grads
 
 BACKENDS = ["triton", "reference"]  # triton runs on the CPU interpreter (tests/conftest.py)
 
@@ -213,29 +214,23 @@ def test_fp8_quantize_fusible_equals_the_reference_bit_for_bit(fmt, scaling):
         assert s.shape == rs.shape and torch.equal(s, rs)
 
 
+def _norm_then_fp8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return ops.fp8_linear(F.rms_norm(x, (x.shape[-1],)), w, None, "row")
+
+
 def test_compiled_fp8_linear_quantizes_inside_the_kernel_that_produces_x():
     """Under torch.compile (inductor; its CPU backend here) the activation's fp8 quantization joins the RMSNorm
     kernel that produces the activation: one kernel computes the norm, its amax and its codes, the norm's output
     is never written out, and the opaque fp8_quantize op is gone. Outputs and gradients equal the eager op's."""
-    from torch._inductor.utils import run_and_get_code
-
-    def layer(x, w):
-        return ops.fp8_linear(F.rms_norm(x, (x.shape[-1],)), w, None, "row")
-
-    def run(fn, x, w):
-        out = fn(x, w)
-        return out, torch.autograd.grad(out.square().sum(), (x, w))
-
     x, w = torch.randn(2, 20, 48, requires_grad=True), torch.randn(36, 48, requires_grad=True)
-    (out, grads), (forward_code, *_) = run_and_get_code(run, torch.compile(layer, fullgraph=True), x, w)
-    want_out, want_grads = run(layer, x, w)
+    (out, grads), code, kernels = compiled_run(output_and_grads, _norm_then_fp8, x, w)
+    want_out, want_grads = output_and_grads(_norm_then_fp8, x, w)
     assert torch.equal(out, want_out)
     for got, want in zip(grads, want_grads):
         assert rel_err(got, want) < 1e-5
-    kernels = [line for line in forward_code.splitlines() if "async_compile." in line and "_fused_" in line]
     assert any("rsqrt" in k and "amax" in k and "to_copy" in k for k in kernels), kernels
-    assert "(40, 48), (48, 1), torch.float32" not in forward_code  # no fp32 [M, K] buffer: the norm's output
-    assert "fp8_quantize" not in forward_code
+    assert "(40, 48), (48, 1), torch.float32" not in code  # no fp32 [M, K] buffer: the norm's output
+    assert "fp8_quantize" not in code
 
 
 def test_fp8_scale_reference_values():
@@ -437,21 +432,12 @@ def test_gpu_compiled_fp8_quantize_fusible_exact(fmt, scaling):
 @pytest.mark.gpu
 def test_gpu_compiled_fp8_linear_quantizes_inside_the_norm_kernel():
     """On the GPU too, inductor puts the activation's quantization into the RMSNorm's Triton kernel."""
-    from torch._inductor.utils import run_and_get_code
-
     if not ops.fp8_supported(torch.device("cuda")):
         pytest.skip("no fp8 tensor cores")
-
-    def layer(x, w):
-        return ops.fp8_linear(F.rms_norm(x, (x.shape[-1],)), w, None, "row")
-
-    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(1536, 512, device="cuda", requires_grad=True)
-    out, (forward_code, *_) = run_and_get_code(torch.compile(layer, fullgraph=True), x, w)
-    assert rel_err(out, layer(x, w)) < 1e-2
-    kernels = [line for line in forward_code.splitlines() if "async_compile.triton(" in line]
+    out, want, code, kernels = gpu_layer_after_norm(_norm_then_fp8)
+    assert rel_err(out, want) < 1e-2
     assert any("rsqrt" in k and "amax" in k for k in kernels), kernels
-    assert "fp8_quantize" not in forward_code
+    assert "fp8_quantize" not in code
 
 
 @pytest.mark.gpu

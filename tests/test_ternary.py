@@ -13,6 +13,7 @@ from tgolf import backend
 from tgolf.nn.ternary import TernaryLinear
 from tgolf.ops import ternary as T
 from tgolf.ops.ternary import reference as R
+from _inductor_code import compiled_run, gpu_layer_after_norm, output_and_grads
 
 HAS_TRITON = backend.choose(torch.device("cpu")).backend == "triton"
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton kernels need TRITON_INTERPRET=1 on the CPU")
@@ -284,23 +285,15 @@ def test_compiled_act_bits_8_quantizes_inside_the_kernel_that_produces_x():
     """act_bits=8 under torch.compile (inductor; its CPU backend here): the per-token int8 quantization joins the
     RMSNorm kernel producing the activation (norm, amax and codes in one kernel, the norm's output never written,
     the opaque act-quant op gone), with the eager call's outputs and gradients."""
-    from torch._inductor.utils import run_and_get_code
-
-    def run(fn, x, w):
-        out = fn(x, w)
-        return out, torch.autograd.grad(out.square().sum(), (x, w))
-
     x, w = torch.randn(2, 20, 48, requires_grad=True), torch.randn(36, 48, requires_grad=True)
-    (out, grads), (forward_code, *_) = run_and_get_code(run, torch.compile(_norm_then_int8_layer, fullgraph=True),
-                                                        x, w)
-    want_out, want_grads = run(_norm_then_int8_layer, x, w)
+    (out, grads), code, kernels = compiled_run(output_and_grads, _norm_then_int8_layer, x, w)
+    want_out, want_grads = output_and_grads(_norm_then_int8_layer, x, w)
     assert rel(out, want_out) < 1e-5
     for got, want in zip(grads, want_grads):
         assert rel(got, want) < 1e-5
-    kernels = [line for line in forward_code.splitlines() if "async_compile." in line and "_fused_" in line]
     assert any("rsqrt" in k and "amax" in k and "round" in k for k in kernels), kernels
-    assert "(40, 48), (48, 1), torch.float32" not in forward_code  # no fp32 [M, K] buffer: the norm's output
-    assert "ternary_act_quant" not in forward_code
+    assert "(40, 48), (48, 1), torch.float32" not in code  # no fp32 [M, K] buffer: the norm's output
+    assert "ternary_act_quant" not in code
 
 
 def test_module_is_a_drop_in_linear():
@@ -656,19 +649,14 @@ def test_triton_matches_reference_on_cuda(group_size, act_bits, gemm):
 def test_gpu_compiled_act_bits_8_quantizes_inside_the_norm_kernel():
     """On the GPU: inductor's code for the reference's int8 quantization equals the op bit for bit, and
     compiled, the quantization sits in the RMSNorm's Triton kernel."""
-    from torch._inductor.utils import run_and_get_code
-
     spread = torch.logspace(-3, 3, 1000, device="cuda")[:, None]
     x = torch.randn(1000, 512, device="cuda", dtype=torch.bfloat16) * spread
     compiled = torch.compile(R.quantize_activations_int8, fullgraph=True)
     assert all(torch.equal(a, b) for a, b in zip(compiled(x), torch.ops.tgolf.ternary_act_quant(x)))
-    x = torch.randn(4, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(1536, 512, device="cuda", requires_grad=True)
-    out, (forward_code, *_) = run_and_get_code(torch.compile(_norm_then_int8_layer, fullgraph=True), x, w)
-    assert rel(out, _norm_then_int8_layer(x, w)) < 1e-2
-    kernels = [line for line in forward_code.splitlines() if "async_compile.triton(" in line]
+    out, want, code, kernels = gpu_layer_after_norm(_norm_then_int8_layer)
+    assert rel(out, want) < 1e-2
     assert any("rsqrt" in k and "amax" in k for k in kernels), kernels
-    assert "ternary_act_quant" not in forward_code
+    assert "ternary_act_quant" not in code
 
 
 @pytest.mark.gpu
