@@ -380,10 +380,11 @@ _FP8_MAX_EXP = {fmt: int(math.log2(torch.finfo(dtype).max / 1.75)) for fmt, dtyp
 def fp8_quantize_fusible(x: Tensor, fmt: str, scaling: str) -> tuple[Tensor, Tensor]:
     """``reference.quantize_fp8`` (the same codes and scales, bit for bit) in integer operations on the fp32 bits.
 
-    Written for inductor, which has no exact lowering of the reference's frexp and ldexp: under torch.compile this
-    becomes part of the kernel that produces ``x`` (an RMSNorm, an activation), so the activation is read once
-    and its amax taken in the same pass. The custom op ``fp8_quantize`` is opaque to the compiler and runs as a
-    kernel of its own after ``x`` was written.
+    Written for inductor: under torch.compile this becomes part of the kernel that produces ``x`` (an RMSNorm, an
+    activation); with per-row scales the activation is then read once, its amax taken in the same pass (a
+    tensor-wide amax still needs a reduction over all of x first). Integer operations lower to plain integer
+    instructions, so the scales cannot depend on how a backend implements frexp, ldexp or exp2. The custom op
+    ``fp8_quantize`` is opaque to the compiler and runs as a kernel of its own after ``x`` was written.
     """
     dtype = ref.FP8_FORMATS[fmt]
     xf = x.float()
