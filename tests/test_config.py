@@ -5,7 +5,8 @@ import argparse
 
 import pytest
 
-from tgolf.config import PRESETS, Config, add_config_arguments, env_overrides, resolve_config
+from tgolf.config import (PRESETS, Config, add_config_arguments, env_overrides, parse_linear_kind,
+                          resolve_config)
 
 
 def _args(argv: list[str]) -> argparse.Namespace:
@@ -39,7 +40,8 @@ def test_bad_environment_value_names_the_variable():
 
 
 @pytest.mark.parametrize("field, value, fragment", [
-    ("linear", "int3", "linear"), ("num_heads", 7, "num_heads"), ("train_batch_tokens", 1000, "train_batch_tokens"),
+    ("linear", "int3", "linear"), ("linear", "fp8-g128", "config field linear: linear kind 'fp8-g128'"),
+    ("num_heads", 7, "num_heads"), ("train_batch_tokens", 1000, "train_batch_tokens"),
     ("num_kv_heads", 3, "num_kv_heads"), ("iterations", 0, "iterations"),
 ])
 def test_validate_names_the_field(field, value, fragment):
@@ -59,3 +61,27 @@ def test_help_reuses_the_field_comments():
     add_config_arguments(parser)
     text = " ".join(parser.format_help().split())
     assert "tokens per optimizer step, over all ranks (default 524288; env TRAIN_BATCH_TOKENS)" in text
+
+
+@pytest.mark.parametrize("kind, family, options", [
+    ("bf16", "bf16", {}), ("qat6", "qat6", {}), ("qat4-g64", "qat4", {"group_size": 64}),
+    ("ternary", "ternary", {}), ("ternary-g128", "ternary", {"group_size": 128}),
+    ("fp8", "fp8", {}), ("fp8-row", "fp8", {"scaling": "row"}),
+])
+def test_linear_kinds_carry_their_layer_options(kind, family, options):
+    assert parse_linear_kind(kind) == (family, options)
+    cfg = resolve_config(_args(["--linear", kind]), environ={})
+    assert cfg.linear == kind and resolve_config(_args([]), environ={"LINEAR": kind}).linear == kind
+
+
+@pytest.mark.parametrize("kind", ["ternary-g0", "ternary-g", "fp8-g128", "bf16-row", "ternary-row", "qat9",
+                                  "qat6-g128-row", "Ternary", "", None])
+def test_bad_linear_kinds_are_refused_by_name(kind):
+    with pytest.raises(ValueError, match="linear kind"):
+        parse_linear_kind(kind)
+
+
+def test_gptq_follows_the_linear_family():
+    Config(linear="fp8-row", gptq_tokens=512).validate()
+    with pytest.raises(ValueError, match="gptq_tokens"):
+        Config(linear="qat6-g64", gptq_tokens=512).validate()

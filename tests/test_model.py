@@ -102,3 +102,25 @@ def test_bad_per_layer_attention_kind_names_the_field():
 
     with pytest.raises(ValueError, match="attention_layers"):
         Config(attention_layers="softmax,flash").validate()
+
+
+def test_linear_kind_options_reach_every_layer():
+    """``--linear ternary-g16`` / ``qat5-g8`` / ``fp8-row``: every attention and MLP matrix is that layer with
+    that option; ``make_linear`` refuses options for nn.Linear, and ``convert`` takes the same kinds."""
+    import pytest
+    import torch.nn as nn
+
+    import tgolf
+    from tgolf.nn import FP8Linear, QATLinear, TernaryLinear, make_linear
+
+    small = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
+    for kind, cls, attr, value in [("ternary-g16", TernaryLinear, "group_size", 16),
+                                   ("qat5-g8", QATLinear, "group_size", 8), ("fp8-row", FP8Linear, "scaling", "row")]:
+        model = build_model(Config(**small, linear=kind))
+        layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        assert len(layers) == 2 * 6 and all(isinstance(m, cls) and getattr(m, attr) == value for m in layers), kind
+    assert make_linear("qat5-g8", 16, 4).bits == 5
+    with pytest.raises(ValueError, match="takes no layer options"):
+        make_linear("bf16", 16, 4, group_size=8)
+    model, names = tgolf.convert(nn.Sequential(nn.Linear(32, 8), nn.Linear(8, 4)), "ternary-g4")
+    assert len(names) == 2 and all(m.group_size == 4 for m in model)

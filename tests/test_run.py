@@ -75,7 +75,9 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
     ("--linear", "qat6", "--mlp-activation", "leaky_relu2", "--export-scheme", "int6"),
     ("--attention", "hybrid", "--attention-window", "8"),
     ("--attention-layers", "softmax,linear", "--linear-decay", "token"),
-], ids=["ternary-fused", "qat6", "hybrid", "per-layer"])
+    ("--linear", "ternary-g16"),  # the kind's options: a scale per 16 input columns, exported with the codes
+    ("--linear", "fp8-row"),
+], ids=["ternary-fused", "qat6", "hybrid", "per-layer", "ternary-g16", "fp8-row"])
 def test_pluggable_parts_run_end_to_end(tmp_path, tiny_shards, parts):
     assert main(_flags(tiny_shards, tmp_path, "--run-id", "p", "--iterations", "3", "--val-tokens-limit", "512",
                        *parts)) == 0

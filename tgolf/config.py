@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence, get_type_hints
 
-LINEAR_KINDS = ("bf16", "qat4", "qat5", "qat6", "qat7", "qat8", "fp8", "ternary")
+LINEAR_KINDS = ("bf16", "qat4", "qat5", "qat6", "qat7", "qat8", "fp8", "ternary")  # with options: parse_linear_kind
 MLP_KINDS = ("reference", "fused")
 ATTENTION_KINDS = ("softmax", "linear", "hybrid")
 LOSS_KINDS = ("reference", "fused")
@@ -22,6 +22,30 @@ FEATURE_MAPS = ("identity", "elu1", "relu", "taylor", "hedgehog")  # tgolf.ops.l
 LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int6", "int5")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
+
+_LINEAR_KIND = re.compile(r"(?P<family>[a-z0-9]+?)(?:-g(?P<group>[0-9]+))?(?P<row>-row)?")
+
+
+def parse_linear_kind(kind: str) -> tuple[str, dict[str, Any]]:
+    """A ``linear`` kind → (its family in LINEAR_KINDS, the layer's options).
+
+    ``qat4``…``qat8`` and ``ternary`` take ``-g<N>``: one weight scale per N input columns instead of one per output
+    row (``ternary-g128`` is the ternary record's absmean per group of 128); ``fp8-row`` scales each token of x and
+    each row of the weight (one pass over x, which compiled models fuse into x's producer) instead of per tensor.
+    """
+    match = _LINEAR_KIND.fullmatch(kind) if isinstance(kind, str) else None
+    family = match["family"] if match else ""
+    grouped = family == "ternary" or family.startswith("qat")
+    if family not in LINEAR_KINDS or (match["group"] and not (grouped and int(match["group"]) > 0)) \
+            or (match["row"] and family != "fp8"):
+        raise ValueError(f"linear kind {kind!r}: expected one of {LINEAR_KINDS}, qat4..qat8 or ternary with -g<N> "
+                         f"(N > 0 input columns per scale, e.g. ternary-g128), or fp8-row")
+    options: dict[str, Any] = {}
+    if match["group"]:
+        options["group_size"] = int(match["group"])
+    if match["row"]:
+        options["scaling"] = "row"
+    return family, options
 
 
 @dataclass
@@ -65,7 +89,7 @@ class Config:
     tied_embed_init_std: float = 0.005
 
     # --- pluggable parts (tgolf.nn chooses the module by these names) -------------------------
-    linear: str = "bf16"  # attention and MLP matrices: bf16 | qat4..qat8 | fp8 | ternary
+    linear: str = "bf16"  # attention, MLP matrices: bf16|qat4..qat8|fp8|ternary; -g<N> (qat, ternary), fp8-row
     mlp: str = "reference"  # reference | fused
     mlp_activation: str = "relu2"  # relu2 | leaky_relu2
     negative_slope: float = 0.5  # for leaky_relu2
@@ -118,7 +142,7 @@ class Config:
     def validate(self) -> "Config":
         """Raise ValueError naming the field for any inconsistent value; return self."""
         choices = {
-            "linear": LINEAR_KINDS, "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
+            "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
             "export_embed_scheme": ("", *EXPORT_SCHEMES),
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
@@ -128,6 +152,10 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name}={getattr(self, name)!r}: expected one of {allowed}")
+        try:
+            linear_family = parse_linear_kind(self.linear)[0]
+        except ValueError as exc:
+            raise ValueError(f"config field linear: {exc}") from None
         for kind in self.layer_attention_kinds():
             if kind not in ATTENTION_KINDS:
                 raise ValueError(f"config field attention_layers={self.attention_layers!r}: {kind!r} is not one of "
@@ -150,7 +178,7 @@ class Config:
             raise ValueError("config fields max_wallclock_seconds and checkpoint_every must be >= 0")
         if self.gptq_tokens < 0:
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens}: must be >= 0")
-        if self.gptq_tokens and self.linear not in ("bf16", "fp8"):
+        if self.gptq_tokens and linear_family not in ("bf16", "fp8"):
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: GPTQ calibrates "
                              f"on a dense copy of the model, and linear={self.linear} layers export the codes they "
                              f"trained with")
@@ -278,5 +306,5 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return resolve_config(parser.parse_args(argv), environ)
 
 
-__all__ = ["Config", "PRESETS", "CONTEST_ENV_VARS", "LINEAR_KINDS", "add_config_arguments", "resolve_config",
-           "parse_config", "env_overrides", "parse_step_range"]
+__all__ = ["Config", "PRESETS", "CONTEST_ENV_VARS", "LINEAR_KINDS", "parse_linear_kind", "add_config_arguments",
+           "resolve_config", "parse_config", "env_overrides", "parse_step_range"]

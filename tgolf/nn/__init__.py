@@ -6,10 +6,11 @@ owns its own file and nothing here imports a kernel before it is needed.
 from __future__ import annotations
 
 import importlib
-import re
 from typing import Any, Callable
 
 import torch.nn as nn
+
+from tgolf.config import parse_linear_kind
 
 _MODULES = {
     # name: "tgolf.nn.<family>:Class"
@@ -42,18 +43,21 @@ def __getattr__(name: str) -> Any:  # lazy `from tgolf.nn import TernaryLinear`
     raise AttributeError(f"module 'tgolf.nn' has no attribute {name!r}")
 
 
-def make_linear(kind: str, in_features: int, out_features: int, bias: bool = False) -> nn.Module:
-    """A linear layer of the given kind: bf16 (nn.Linear, bf16 under autocast) | qat4..qat8 | fp8 | ternary."""
-    if kind == "bf16":
+def make_linear(kind: str, in_features: int, out_features: int, bias: bool = False, **options) -> nn.Module:
+    """A linear layer of kind ``Config.linear``: bf16 (nn.Linear, bf16 under autocast) | qat4..qat8 | fp8 | ternary,
+    with the kind's options (``tgolf.config.parse_linear_kind``: ``ternary-g128``, ``fp8-row``) and ``options``
+    (constructor arguments of the layer, e.g. ``act_bits=8``; they win over the kind's)."""
+    family, parsed = parse_linear_kind(kind)
+    options = {**parsed, **options}
+    if family == "bf16":
+        if options:
+            raise ValueError(f"linear kind {kind!r} (nn.Linear) takes no layer options, got {sorted(options)}")
         return nn.Linear(in_features, out_features, bias=bias)
-    match = re.fullmatch(r"qat([4-8])", kind)
-    if match:
-        return _load(_MODULES["QATLinear"])(in_features, out_features, bias=bias, bits=int(match.group(1)))
-    if kind == "fp8":
-        return _load(_MODULES["FP8Linear"])(in_features, out_features, bias=bias)
-    if kind == "ternary":
-        return _load(_MODULES["TernaryLinear"])(in_features, out_features, bias=bias)
-    raise ValueError(f"linear kind {kind!r}: expected bf16, qat4..qat8, fp8 or ternary")
+    if family == "fp8":
+        return _load(_MODULES["FP8Linear"])(in_features, out_features, bias=bias, **options)
+    if family == "ternary":
+        return _load(_MODULES["TernaryLinear"])(in_features, out_features, bias=bias, **options)
+    return _load(_MODULES["QATLinear"])(in_features, out_features, bias=bias, bits=int(family[3:]), **options)
 
 
 def make_mlp(kind: str, dim: int, hidden: int, *, activation: str, negative_slope: float, linear: str) -> nn.Module:

@@ -4,9 +4,10 @@
 too because a model that *is* a linear layer can only be replaced, not modified. Names are qualified module names
 as in ``model.named_modules()``; ``skip`` holds exact names or fnmatch patterns (``"blocks.0.*"``, ``"*.proj"``).
 
-* to a quantized kind: every ``nn.Linear`` (subclasses included) that is not already a quantized drop-in is
-  replaced; the new layer takes over the *same* weight and bias Parameters (optimizers and ties stay valid).
-  ``kwargs`` go to the new layer's constructor (``group_size=``, ``act_bits=`` for ternary).
+* to a quantized kind (``Config.linear``'s, options included: ``ternary-g128``): every ``nn.Linear`` (subclasses
+  included) that is not already a quantized drop-in is replaced; the new layer takes over the *same* weight and
+  bias Parameters (optimizers and ties stay valid). ``kwargs`` go to the new layer's constructor (``group_size=``,
+  ``act_bits=`` for ternary).
 * ``"dense"`` (alias ``"bf16"``): every quantized drop-in becomes a plain ``nn.Linear`` holding its quantized weight
   (codes × scales), so the dense model's outputs equal the quantized forward. Activation quantization
   (``act_bits=8``) has no dense equivalent: those layers are converted with a warning.
@@ -14,7 +15,6 @@ as in ``model.named_modules()``; ``skip`` holds exact names or fnmatch patterns 
 from __future__ import annotations
 
 import fnmatch
-import re
 import warnings
 from typing import Iterable
 
@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 import tgolf.nn as registry
+from tgolf.config import parse_linear_kind
 from tgolf.ops.quant.reference import dequantize_weight
 
 DENSE_KINDS = ("dense", "bf16")
@@ -39,19 +40,6 @@ def _quantized_types() -> tuple[type, ...]:
 
 def _skipped(name: str, patterns: tuple[str, ...]) -> bool:
     return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def _build(kind: str, in_features: int, out_features: int, bias: bool, kwargs: dict) -> nn.Module:
-    if kind == "ternary":
-        return registry.TernaryLinear(in_features, out_features, bias=bias, **kwargs)
-    if not kwargs:
-        return registry.make_linear(kind, in_features, out_features, bias=bias)
-    match = re.fullmatch(r"qat([4-8])", kind)
-    if match:
-        return registry.QATLinear(in_features, out_features, bias=bias, bits=int(match.group(1)), **kwargs)
-    if kind == "fp8":
-        return registry.FP8Linear(in_features, out_features, bias=bias, **kwargs)
-    raise ValueError(f"kind={kind!r}: expected ternary, qat4..qat8, fp8, dense or bf16")
 
 
 def _dense_weight(name: str, module: nn.Module) -> torch.Tensor:
@@ -81,7 +69,7 @@ def _to_dense(name: str, module: nn.Module) -> nn.Linear:
 
 
 def _to_quantized(kind: str, module: nn.Linear, kwargs: dict) -> nn.Module:
-    new = _build(kind, module.in_features, module.out_features, module.bias is not None, kwargs)
+    new = registry.make_linear(kind, module.in_features, module.out_features, module.bias is not None, **kwargs)
     new.weight = module.weight
     if module.bias is not None:
         new.bias = module.bias
@@ -108,8 +96,10 @@ def convert(model: nn.Module, kind: str, skip: str | Iterable[str] = (), **kwarg
         wanted = lambda m: isinstance(m, quantized)  # noqa: E731
         make = lambda name, m: _to_dense(name, m)  # noqa: E731
     else:
-        if kind != "ternary" and not re.fullmatch(r"qat[4-8]|fp8", kind):
-            raise ValueError(f"kind={kind!r}: expected ternary, qat4..qat8, fp8, dense or bf16")
+        try:
+            parse_linear_kind(kind)
+        except ValueError as exc:
+            raise ValueError(f"kind={kind!r}: expected dense, bf16 or a quantized kind ({exc})") from None
         wanted = lambda m: isinstance(m, nn.Linear) and not isinstance(m, quantized)  # noqa: E731
         make = lambda name, m: _to_quantized(kind, m, kwargs)  # noqa: E731
     targets = [(name, m) for name, m in model.named_modules() if wanted(m) and not _skipped(name, patterns)]
