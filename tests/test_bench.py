@@ -225,3 +225,18 @@ def test_cuda_timing_path(tmp_path):
     assert bench_main(["--device", "cuda", "--shapes", "quick", "--no-compile", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert not [r for r in rows if r["status"].startswith("error: timing")]
+
+
+@pytest.mark.parametrize("family, label", [("quant", "fp8 row after rms_norm, compiled"),
+                                           ("ternary", "row a8 after rms_norm, compiled")])
+def test_compiled_layers_after_their_norm_are_checked_then_timed_beside_bf16(family, label):
+    """The quantizing layers as a compiled model runs them (activation quantization fused into the norm), beside
+    the same block in bf16, checked against the reference before timing."""
+    import importlib
+
+    case = importlib.import_module(f"tgolf.bench.{family}").cases("quick")[-1]
+    assert case.label.endswith(label) and set(case.anchors) == {"compiled_bf16"}
+    assert case.candidate.compiled and case.anchors["compiled_bf16"].compiled
+    rows = run_case(case, RunOptions(device=torch.device("cpu"), quick=True, compile_anchors=True))
+    assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["rel_err"] <= case.tol for r in rows)
+    assert all(r["anchors"]["compiled_bf16"]["status"] == "ok" for r in rows)

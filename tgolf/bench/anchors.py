@@ -33,6 +33,15 @@ def first_output(loader: Loader) -> Loader:
     return load
 
 
+def after_norm(loader: Loader) -> Loader:
+    """``linear(rms_norm(x), w)``: a layer fed by the kernel producing its input, as in the GPT's blocks (compiled,
+    that is where a layer's activation quantization can fuse)."""
+    def load() -> Callable:
+        linear = loader()
+        return lambda x, w: linear(F.rms_norm(x, (x.shape[-1],)), w)
+    return load
+
+
 def op(target: str, **bound: Any) -> Impl:
     """The candidate: tgolf's public op."""
     return Impl(lazy(target, **bound))

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tgolf.bench.anchors import compiled, cublas_linear, eager, generator, lazy, op, randn
+from tgolf.bench.anchors import after_norm, compiled, cublas_linear, eager, generator, lazy, op, randn
 from tgolf.bench.core import BenchCase, Impl, Loader
 
 _SHAPES = {
@@ -79,23 +79,15 @@ def _case(name: str, m: int, k: int, n: int, precision: str, label: str, **kwarg
     )
 
 
-def _after_norm(loader: Loader) -> Loader:
-    """``linear(rms_norm(x), w)``: a layer fed by the kernel producing its input, as in the GPT's blocks."""
-    def load() -> Callable:
-        linear = loader()
-        return lambda x, w: linear(F.rms_norm(x, (x.shape[-1],)), w)
-    return load
-
-
 def _fp8_after_norm_case(m: int, k: int, n: int) -> BenchCase:
     def fp8(target: str) -> Loader:
-        return _after_norm(lazy(target, bias=None, scaling="row"))
+        return after_norm(lazy(target, bias=None, scaling="row"))
 
     return BenchCase(
         op="quant.fp8_linear", label=f"M{m} K{k} N{n} fp8 row after rms_norm, compiled", shape=dict(M=m, K=k, N=n),
         make_inputs=_inputs(m, k, n), candidate=compiled(fp8("tgolf.ops.quant:fp8_linear")),
         reference=fp8("tgolf.ops.quant.reference:fp8_linear_reference"),
-        anchors={"compiled_bf16": compiled(_after_norm(lambda: F.linear))},
+        anchors={"compiled_bf16": compiled(after_norm(lambda: F.linear))},
         flops=2.0 * m * k * n, bytes=2.0 * (m * k + n * k + m * n), bwd_bytes=2.0 * 3 * (m * k + n * k + m * n),
         # inductor hands the fused norm's fp32 output to the quantization without the eager bf16 rounding between
         # them: ~4% of the codes land one fp8 step from the reference's (measured at 4096 × 1536), ~1.5% error

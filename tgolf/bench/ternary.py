@@ -19,7 +19,10 @@ Issue targets (tgolf issues 4 and 7), all in ``--shapes contest``:
   ``codes_gemm`` the Triton GEMMs that read the int8 codes;
 * int8 inference forward, one scale per row, M = 65,536, (K, N) in (512, 1536), (1536, 512): CUDA kernel against its
   Triton twin and bf16 cuBLAS;
-* packed GEMV / small-M GEMM, M in 1, 4, 16, K = N = 4096: CUDA kernel against its Triton twin and bf16 cuBLAS.
+* packed GEMV / small-M GEMM, M in 1, 4, 16, K = N = 4096: CUDA kernel against its Triton twin and bf16 cuBLAS;
+* ``act_bits=8`` as a compiled model runs it, after the RMSNorm producing its input (inductor fuses the int8
+  quantization into the norm's kernel): ``torch.compile(ternary_linear(rms_norm(x), w))`` beside the same block
+  in bf16 (``compiled_bf16``), M = 65,536, (K, N) = (512, 1536).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from tgolf.bench.anchors import compiled, cublas_linear, eager, forced_backend, generator, lazy, op, randn
+from tgolf.bench.anchors import (after_norm, compiled, cublas_linear, eager, forced_backend, generator, lazy,
+                                 op, randn)
 from tgolf.bench.core import BenchCase, Impl
 
 GROUP = 128  # the ternary record's absmean group size
@@ -212,6 +216,22 @@ def _int8_case(m: int, k: int, n: int) -> BenchCase:
     )
 
 
+def _a8_after_norm_case(m: int, k: int, n: int) -> BenchCase:
+    def layer(target: str):
+        return after_norm(lazy(target, bias=None, group_size=ROW, act_bits=8))
+
+    return BenchCase(
+        op="ternary.ternary_linear", label=f"M{m} K{k} N{n} row a8 after rms_norm, compiled",
+        shape=dict(M=m, K=k, N=n), make_inputs=_linear_inputs(m, k, n),
+        candidate=compiled(layer("tgolf.ops.ternary:ternary_linear")),
+        reference=layer("tgolf.ops.ternary.reference:ternary_linear_reference"),
+        anchors={"compiled_bf16": compiled(after_norm(lambda: F.linear))},
+        flops=2.0 * m * k * n, bytes=2.0 * (m * k + n * k + m * n), bwd_bytes=2.0 * 3 * (m * k + n * k + m * n),
+        grad_argnums=(0, 1), precision="int8", chooser="ternary.int8_mm",
+    )
+
+
 def cases(shapes: str) -> list[BenchCase]:
+    first_int8 = _INT8[shapes][0]
     return ([_linear_case(*s) for s in _LINEAR[shapes]] + [_int8_case(*s) for s in _INT8[shapes]]
-            + [_packed_case(*s) for s in _PACKED[shapes]])
+            + [_packed_case(*s) for s in _PACKED[shapes]] + [_a8_after_norm_case(*first_int8)])
