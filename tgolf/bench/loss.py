@@ -7,7 +7,8 @@ with logits chunks of 8 and 16 MB (``chunk_8mb``, ``chunk_16mb``) where those ar
 Why the chunk sizes: each chunk's logits are written by one GEMM, read and overwritten by the chunk kernel and
 read by two more GEMMs. A chunk that stays in the H100's 50 MB L2 spares those passes most of their HBM traffic,
 but every chunk adds a read and a write of the fp32 grad_weight accumulator [V, D]; the default
-(``chunk_rows_for``: ~64 MB chunks, at least 4) is a guess that these rows time against L2-sized ones.
+(``chunk_rows_for``: up to 32M logits, 64 MB in bf16, and at least 4 chunks: 32 MB at N = 65,536, V = 1024) is
+a guess that these rows time against L2-sized ones.
 """
 from __future__ import annotations
 

@@ -17,9 +17,8 @@ weight tile once per row tile of x (M / BLOCK_M times, 512 at M = 65,536), so qu
 redo a correctly rounded division, a rounding and a clamp per weight element that many times, on the CUDA cores
 beside the tensor cores. One pass over the weight (read fp32, write one int8 byte per element) costs about
 N·K·5 bytes, against the GEMM's 2·M·N·K FLOPs; the GEMM then only converts int8 → bf16 and multiplies by the
-scale in registers, and the backward reuses the saved codes (no second quantization). Nothing is cached across
-calls: the weight changes every optimizer step, and a cache keyed on the parameter's version is invisible to
-torch.compile.
+scale in registers, and the backward reuses the saved codes (no second quantization). The ops cache nothing across
+calls; QATLinear keeps its "dense" weight operand per weight update (tgolf.nn.weight_cache), outside torch.compile.
 """
 from __future__ import annotations
 
