@@ -6,9 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from tgolf import info
+from tgolf import backend, info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,3 +56,18 @@ def test_forced_backend_that_is_not_available_says_so():
         assert cpu["backend"] == "reference" and cpu["reason"].startswith("TGOLF_BACKEND=triton is not available"), name
     forced = json.loads(_run("--json", TGOLF_BACKEND="reference").stdout)
     assert all(d["cpu"]["reason"] == "forced by TGOLF_BACKEND" for d in forced["ops"].values())
+
+
+def test_backend_choice_follows_the_environment_within_a_process(monkeypatch):
+    """Choices are memoized per process; changing TGOLF_BACKEND or TRITON_INTERPRET mid-run still changes them."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("TGOLF_BACKEND", "reference")
+    assert backend.choose(cpu).reason == "forced by TGOLF_BACKEND"
+    monkeypatch.delenv("TGOLF_BACKEND")
+    assert backend.choose(cpu).backend == ("triton" if backend.triton_importable() else "reference")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert backend.choose(cpu).backend == "reference"
+    monkeypatch.setenv("TGOLF_BACKEND", "gpu")
+    with pytest.raises(ValueError, match="TGOLF_BACKEND='gpu'"):
+        backend.choose(cpu)

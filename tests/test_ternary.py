@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tgolf
 from tgolf import backend
@@ -237,6 +238,38 @@ def test_packed_matmul(m, group_size):
     assert rel(got, x @ R.dequantize_ternary(codes, scales, group_size).T) < 1e-5
     with pytest.raises(ValueError, match="truncated"):
         T.packed_matmul(x, packed[:, :-1], scales, 70, group_size)
+
+
+class _OpLog(TorchDispatchMode):
+    """Names of the ops that reach the dispatcher inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("needs_the_op", ["no", "grad", "compile"])
+def test_inference_functions_skip_the_library_op_only_where_nothing_needs_it(needs_the_op):
+    """packed_matmul and int8_linear (decoding: host time is the cost) run their op's implementation directly in
+    plain eager calls; an input that requires grad, or tracing, goes through the torch.library op."""
+    codes, scales, packed = T.ternary_quantize(torch.randn(45, 70))
+    x = torch.randn(3, 70, requires_grad=needs_the_op == "grad")
+    calls = (lambda x: T.packed_matmul(x, packed, scales, 70), lambda x: T.int8_linear(x, codes, scales))
+    ops = ("tgolf::ternary_packed_mm", "tgolf::ternary_int8_linear")
+    for call, op in zip(calls, ops):
+        if needs_the_op == "compile":
+            graphs = []
+            torch.compile(call, fullgraph=True, backend=lambda gm, _: graphs.append(gm) or gm)(x)
+            assert any(str(n.target).startswith(op.replace("::", ".")) for n in graphs[0].graph.nodes)
+            continue
+        with _OpLog() as log:
+            y = call(x)
+        assert (op in log.names) == (needs_the_op == "grad"), log.names
+        assert not y.requires_grad or needs_the_op == "grad"
 
 
 # -------------------------------------------------------------------------------------------------------- errors

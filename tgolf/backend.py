@@ -100,6 +100,19 @@ def choose(device: torch.device, cuda_name: str | None = None, has_triton: bool 
     ``cuda_name`` is the op's name under ``torch.ops.tgolf`` if a CUDA kernel exists for it;
     ``has_triton`` says whether the family has a Triton kernel for this op.
     """
+    # Memoized on everything the choice reads that can change while a process runs (the two environment
+    # variables): ops ask on every call, and the uncached choice cost ~2 µs of host time per ask on a CPU.
+    key = (device.type, cuda_name, has_triton, os.environ.get("TGOLF_BACKEND"), os.environ.get("TRITON_INTERPRET"))
+    choice = _CHOICES.get(key)
+    if choice is None:
+        choice = _CHOICES[key] = _choose(device, cuda_name, has_triton)
+    return choice
+
+
+_CHOICES: dict[tuple, Choice] = {}
+
+
+def _choose(device: torch.device, cuda_name: str | None, has_triton: bool) -> Choice:
     forced = forced_backend()
     choice = _available(device, cuda_name, has_triton, forced)
     if forced is not None and choice.backend != forced:  # say so rather than fall back silently

@@ -85,8 +85,9 @@ def _choice(device: torch.device, cuda_name: str | None = None) -> str:
 
 def _opt_in(device: torch.device, cuda_name: str | None) -> backend.Choice | None:
     """The choice for an op whose CUDA kernel was measured slower than its Triton twin, unless asked for."""
-    choice = backend.choose(device, cuda_name=cuda_name)
-    if choice.backend != "cuda" or cuda_name not in _CUDA_OPT_IN or backend.forced_backend() == "cuda":
+    if cuda_name not in _CUDA_OPT_IN or backend.forced_backend() == "cuda":
+        return None
+    if backend.choose(device, cuda_name=cuda_name).backend != "cuda":
         return None
     other = backend.choose(device)
     return backend.Choice(other.backend, f"{other.reason}; not {cuda_name}: {_CUDA_OPT_IN[cuda_name]} "
@@ -251,13 +252,18 @@ def _(xq, xs, codes, scales, bias, group_size, out_dtype):
     return xq.new_empty((xq.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op("tgolf::ternary_int8_linear", mutates_args=())
-def _int8_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-                    group_size: int) -> torch.Tensor:
+def _int8_linear_any(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                     group_size: int) -> torch.Tensor:
     if _route(x.device, _CUDA_INT8, lambda: _int8_linear_misfit(x, scales)).backend == "cuda":
         return _plus_bias(backend.cuda_op(_CUDA_INT8)(x, codes, scales.reshape(-1)), bias)
     xq, xs = _act_quant_op(x)
     return _int8_mm_any(xq, xs, codes, scales, bias, group_size, x.dtype)
+
+
+@torch.library.custom_op("tgolf::ternary_int8_linear", mutates_args=())
+def _int8_linear_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                    group_size: int) -> torch.Tensor:
+    return _int8_linear_any(x, codes, scales, bias, group_size)
 
 
 @_int8_linear_op.register_fake
@@ -265,9 +271,8 @@ def _(x, codes, scales, bias, group_size):
     return x.new_empty((x.shape[0], codes.shape[0]))
 
 
-@torch.library.custom_op("tgolf::ternary_packed_mm", mutates_args=())
-def _packed_mm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
-                  group_size: int) -> torch.Tensor:
+def _packed_mm_any(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
+                   group_size: int) -> torch.Tensor:
     choice = _route(x.device, _CUDA_PACKED, lambda: _packed_misfit(x, group_size)).backend
     if choice == "cuda":  # group_size is 0 exactly when scales has one column (see _inference_args)
         return backend.cuda_op(_CUDA_PACKED)(x, packed, scales, group_size)
@@ -277,6 +282,12 @@ def _packed_mm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, i
                              interpret=backend.triton_interpret())
     w = dequantize_ternary(unpack2(packed, in_features), scales, _gs(group_size, in_features))
     return F.linear(x, w.to(x.dtype))
+
+
+@torch.library.custom_op("tgolf::ternary_packed_mm", mutates_args=())
+def _packed_mm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
+                  group_size: int) -> torch.Tensor:
+    return _packed_mm_any(x, packed, scales, in_features, group_size)
 
 
 @_packed_mm_op.register_fake
@@ -467,6 +478,17 @@ def _inference_args(x: torch.Tensor, scales: torch.Tensor, in_features: int, gro
     return gs
 
 
+def _direct_call(*tensors: torch.Tensor | None) -> bool:
+    """Whether an inference function may run its op's implementation without the torch.library layer: plain
+    tensors, no autograd, nothing tracing. Decoding calls these ops with a few tokens, where host time is the
+    cost; the layer is needed only by torch.compile and export, and (with no autograd formula) to refuse a
+    backward."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
 def packed_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, in_features: int,
                   group_size: int | None = None) -> torch.Tensor:
     """``x @ Wqᵀ`` from 2-bit packed weights (inference, no autograd); meant for few tokens (decoding)."""
@@ -477,7 +499,8 @@ def packed_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, i
         raise ValueError(f"{kind} packed weight: expected uint8 [{scales.shape[0]}, {packed_length(in_features)}] "
                          f"for in_features={in_features}, got {packed.dtype} {tuple(packed.shape)}")
     x2 = x.reshape(-1, in_features).to(compute_dtype(x)).contiguous()
-    y = torch.ops.tgolf.ternary_packed_mm(x2, packed.contiguous(), scales.contiguous(), in_features, gs)
+    op = _packed_mm_any if _direct_call(x2) else torch.ops.tgolf.ternary_packed_mm
+    y = op(x2, packed.contiguous(), scales.contiguous(), in_features, gs)
     return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
@@ -486,5 +509,6 @@ def int8_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
     """Inference form of the ``act_bits=8`` layer (no autograd): per-token int8 activations × ternary codes."""
     gs = _inference_args(x, scales, codes.shape[1], group_size)
     x2 = x.reshape(-1, codes.shape[1]).to(compute_dtype(x)).contiguous()
-    y = torch.ops.tgolf.ternary_int8_linear(x2, codes.contiguous(), scales.contiguous(), bias, gs)
+    op = _int8_linear_any if _direct_call(x2, bias) else torch.ops.tgolf.ternary_int8_linear
+    y = op(x2, codes.contiguous(), scales.contiguous(), bias, gs)
     return y.reshape(*x.shape[:-1], codes.shape[0])
