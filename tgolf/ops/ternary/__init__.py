@@ -83,12 +83,12 @@ def _choice(device: torch.device, cuda_name: str | None = None) -> str:
     return backend.choose(device, cuda_name=cuda_name).backend
 
 
-def _opt_in(device: torch.device, cuda_name: str | None) -> backend.Choice | None:
-    """The choice for an op whose CUDA kernel was measured slower than its Triton twin, unless asked for."""
-    if cuda_name not in _CUDA_OPT_IN or backend.forced_backend() == "cuda":
-        return None
-    if backend.choose(device, cuda_name=cuda_name).backend != "cuda":
-        return None
+def _unless_opt_in(device: torch.device, cuda_name: str | None) -> backend.Choice:
+    """The op's backend with its CUDA kernel ``cuda_name``; where that kernel was measured slower than its Triton
+    twin (opt-in) and TGOLF_BACKEND=cuda does not ask for it, what the op uses without it, saying why."""
+    choice = backend.choose(device, cuda_name=cuda_name)
+    if choice.backend != "cuda" or cuda_name not in _CUDA_OPT_IN or backend.forced_backend() == "cuda":
+        return choice
     other = backend.choose(device)
     return backend.Choice(other.backend, f"{other.reason}; not {cuda_name}: {_CUDA_OPT_IN[cuda_name]} "
                                          "(TGOLF_BACKEND=cuda uses it)")
@@ -98,12 +98,9 @@ def _route(device: torch.device, cuda_name: str, misfit: Callable[[], str | None
     """The backend for one call of an op with a CUDA kernel: that kernel when it exists, is not opt-in, and
     ``misfit()`` (why this call breaks the kernel's contract, or None) finds nothing, else what the op would use
     without it."""
-    choice = backend.choose(device, cuda_name=cuda_name)
+    choice = _unless_opt_in(device, cuda_name)
     if choice.backend != "cuda":
         return choice
-    opt_in = _opt_in(device, cuda_name)
-    if opt_in is not None:
-        return opt_in
     why = misfit()
     if why is None:
         return choice
@@ -298,12 +295,9 @@ def _(x, packed, scales, in_features, group_size):
 def _chooser(cuda_name: str | None = None, condition: str = "") -> Callable[[torch.device], backend.Choice]:
     """What ``python -m tgolf.info`` reports for an op: its CUDA kernel names the calls it takes and the fallback."""
     def choose(device: torch.device) -> backend.Choice:
-        choice = backend.choose(device, cuda_name=cuda_name)
+        choice = _unless_opt_in(device, cuda_name)
         if choice.backend != "cuda":
             return choice
-        opt_in = _opt_in(device, cuda_name)
-        if opt_in is not None:
-            return opt_in
         other = backend.choose(device)
         return backend.Choice("cuda", f"{choice.reason} for {condition}; other calls: {other.backend} "
                                       f"({other.reason})")
