@@ -12,7 +12,7 @@ import torch
 from tgolf.config import Config
 from tgolf.data.loader import TokenLoader
 from tgolf.model import build_model
-from tgolf.train import checkpoint
+from tgolf.train import checkpoint, loop
 from tgolf.train.distributed import DistEnv
 from tgolf.train.logging import RunLogger
 from tgolf.train.loop import NonFiniteLoss, Preempted, Trainer
@@ -116,11 +116,37 @@ def test_runs_the_requested_steps_and_learns(tmp_path, tiny_shards):
     assert result.last_loss < math.log(1024)  # below the uniform-prediction loss
 
 
-def test_wallclock_cap_holds(tmp_path, tiny_shards):
+class _StepClock:
+    """Stands in for the ``time`` module of tgolf.train.loop: only training steps advance it, each by the next of
+    the given durations, so the cap's decisions do not depend on how loaded the machine is."""
+
+    def __init__(self, durations: list[float]):
+        self.now, self.durations = 0.0, iter(durations)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def timed(self, train_step):
+        def step(batches):
+            self.now += next(self.durations)
+            return train_step(batches)
+        return step
+
+
+@pytest.mark.parametrize("durations, steps", [
+    ([0.3] * 20, 6),  # 6 steps = 1.8 s; a 7th would end at 2.1
+    # a slow spell: the prediction takes the slower of the mean step (0.24 s after 7) and the last (0.6 s), so
+    # the 8th step, which would end at 2.3 s, is not started
+    ([0.1] * 5 + [0.6] * 20, 7),
+])
+def test_wallclock_cap_holds(tmp_path, tiny_shards, monkeypatch, durations, steps):
+    clock = _StepClock(durations)
+    monkeypatch.setattr(loop, "time", clock)
     trainer = _trainer(tmp_path, tiny_shards, iterations=10**6, max_wallclock_seconds=2.0)
+    trainer.train_step = clock.timed(trainer.train_step)
     result = trainer.run()
-    assert result.stopped_by == "wallclock" and result.steps > 1
-    assert result.train_seconds <= 2.0 + 0.25
+    assert result.stopped_by == "wallclock" and result.steps == steps
+    assert result.train_seconds == pytest.approx(sum(durations[:steps])) and result.train_seconds <= 2.0
 
 
 def test_non_finite_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_shards):
