@@ -69,7 +69,8 @@ def _train(folder: Path) -> str:
     t = json.loads(path.read_text())
     return (f"val_bpb {t['val_bpb']:.4f} (roundtrip {t['roundtrip_val_bpb']:.4f}), {t['steps']} steps in "
             f"{t['train_seconds']:.0f} s, {t['step_ms']:.0f} ms/step, {t['tokens_per_second']:,.0f} tokens/s, "
-            f"peak {t['peak_memory_bytes'] / 2**30:.1f} GiB, artifact {t['artifact_bytes']:,} B")
+            f"peak {t['peak_memory_bytes'] / 2**30:.1f} GiB, artifact {t['artifact_bytes']:,} B (code "
+            f"{t['code_bytes']:,} B, {t.get('code_pack', 'none')})")
 
 
 def _tune(folder: Path) -> str:

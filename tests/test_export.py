@@ -558,7 +558,8 @@ def summary_for(info: ArtifactInfo) -> dict:
     return {"val_bpb": 1.25, "val_loss": 2.1, "roundtrip_val_bpb": 1.26, "roundtrip_val_loss": 2.12,
             "artifact_bytes": info.artifact_bytes, "model_bytes": info.model_bytes, "code_bytes": info.code_bytes,
             "params": 123, "steps": 45, "train_seconds": 10.5, "eval_seconds": 2.5, "tokens_per_second": 1e4,
-            "compressor": info.compressor, "hardware": "CPU test"}
+            "compressor": info.compressor, "hardware": "CPU test", "code_pack": info.code_pack,
+            "code_bytes_raw": info.code_bytes_raw}
 
 
 def test_budget_guard_raises_and_writes_no_submission(tmp_path):
@@ -576,16 +577,25 @@ def test_budget_guard_raises_and_writes_no_submission(tmp_path):
         check_budget({**summary_for(info), "artifact_bytes": 5})
 
 
-def test_submission_folder(tmp_path):
+@pytest.mark.parametrize("pack", ["lzma", "none"])
+def test_submission_folder(tmp_path, pack):
     model = random_gpt()
-    info = write_artifact(tmp_path / "m.tgz", model, tiny_config(), compressor="zlib")
+    config = tiny_config(code_pack=pack)
+    info = write_artifact(tmp_path / "m.tgz", model, config, compressor="zlib")
     log = tmp_path / "train.log"
     log.write_text("step:1/1 train_loss:5.0\n")
     out = tmp_path / "records" / "track_10min_16mb" / "2026-01-01_tiny"
     code = [f for f, _ in info.code_files]
-    write_submission(out, summary_for(info), log, tiny_config(), name="tiny", author="A", github_id="a",
+    packed = info.code_pack == "lzma"  # not where this process loaded tgolf._C (info.code_not_packed says so)
+    assert packed or pack == "none" or "tgolf._C" in info.code_not_packed
+    if packed:  # the script is rebuilt from the files and settings, and must be the size the run counted
+        with pytest.raises(ValueError, match="did the sources or the config change"):
+            write_submission(out, {**summary_for(info), "code_bytes": info.code_bytes + 1,
+                                   "artifact_bytes": info.artifact_bytes + 1}, log, config, code_files=code)
+    write_submission(out, summary_for(info), log, config, name="tiny", author="A", github_id="a",
                      blurb="tiny test", code_files=code)
-    assert {p.name for p in out.iterdir()} == {"README.md", "submission.json", "train.log", "code"}
+    assert {p.name for p in out.iterdir()} == {"README.md", "submission.json", "train.log", "code",
+                                               *(["train_gpt.py"] if packed else [])}
     record = json.loads((out / "submission.json").read_text())
     for key in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code"):
         assert key in record
@@ -595,12 +605,13 @@ def test_submission_folder(tmp_path):
     for key in ("params", "steps", "train_seconds", "eval_seconds", "bytes_model"):
         assert record[key] is not None
     assert (out / "train.log").read_text() == log.read_text()
-    assert sum((out / "code" / f).stat().st_size for f in code) == info.code_bytes
+    assert sum((out / "code" / f).stat().st_size for f in code) == info.code_bytes_raw
+    assert (out / "train_gpt.py").stat().st_size if packed else info.code_bytes_raw == info.code_bytes
     readme = (out / "README.md").read_text()
     assert "1.26000000" in readme and "NUM_LAYERS=2" in readme
     with pytest.raises(FileExistsError, match="overwrite"):
-        write_submission(out, summary_for(info), log, tiny_config())
-    write_submission(out, summary_for(info), log, tiny_config(), overwrite=True)
+        write_submission(out, summary_for(info), log, config, code_files=code)
+    write_submission(out, summary_for(info), log, config, code_files=code, overwrite=True)
     with pytest.raises(ValueError, match="roundtrip_val_bpb"):
         write_submission(tmp_path / "x", {"val_bpb": 1.0}, log, tiny_config())
 

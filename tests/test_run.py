@@ -37,6 +37,9 @@ def test_one_command_trains_exports_scores_and_packages(tmp_path, tiny_shards, c
     record = json.loads((sub / "submission.json").read_text())
     assert record["val_bpb"] == summary["roundtrip_val_bpb"] and record["bytes_total"] == summary["artifact_bytes"]
     assert (sub / "train.log").read_text().count("train_loss:") == 6  # the first 10 steps are always logged
+    script = sub / "train_gpt.py"  # the packed code (tests/test_codepack.py runs one)
+    assert script.exists() == (summary["code_pack"] == "lzma")
+    assert (script.stat().st_size if script.exists() else summary["code_bytes_raw"]) == summary["code_bytes"]
     out = capsys.readouterr().out
     assert "step:2/6 train_loss:" in out and "roundtrip val_loss:" in out
 

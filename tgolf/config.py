@@ -22,6 +22,7 @@ FEATURE_MAPS = ("identity", "elu1", "relu", "taylor", "hedgehog")  # tgolf.ops.l
 LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int6", "int5")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
+CODE_PACKS = ("lzma", "none")  # tgolf.export.codepack's self-extracting script, or the source files as they are
 
 _LINEAR_KIND = re.compile(r"(?P<family>[a-z0-9]+?)(?:-g(?P<group>[0-9]+))?(?P<row>-row)?")
 
@@ -125,6 +126,7 @@ class Config:
     export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
     gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
     compressor: str = "best"
+    code_pack: str = "lzma"  # code bytes: lzma (one self-extracting script, as records ship theirs) | none (the files)
     max_artifact_bytes: int = 16_000_000
     eval_stride: int = 0  # 0 = non-overlapping windows; >0 = sliding windows with this stride
     eval_seq_len: int = 0  # 0 = train_seq_len
@@ -144,6 +146,7 @@ class Config:
         choices = {
             "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
+            "code_pack": CODE_PACKS,
             "export_embed_scheme": ("", *EXPORT_SCHEMES),
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
             "mix_order_reduction": ("auto", "on", "off"),

@@ -2,7 +2,8 @@
 
 An artifact file is the compression container (tgolf.export.compress) around a model file (tgolf.export.format).
 ``artifact_bytes = model_bytes + code_bytes`` where ``model_bytes`` is the size of that file on disk and
-``code_bytes`` the tgolf sources the run imported (tgolf.export.codebytes); the contest caps the sum at
+``code_bytes`` the tgolf sources the run imported (tgolf.export.codebytes), by default as the one
+self-extracting script a submission ships (tgolf.export.codepack); the contest caps the sum at
 16,000,000 bytes. The scored model is ``load_artifact``'s: a dense GPT (nn.Linear everywhere) built from the
 stored config and loaded with the dequantized weights, so a ternary or QAT model reloads as its quantized forward.
 """
@@ -42,7 +43,10 @@ class ArtifactInfo:
     artifact_bytes: int  # model_bytes + code_bytes: what the 16,000,000-byte cap applies to
     compressed_sizes: dict[str, int] = field(default_factory=dict)  # container size per compressor tried
     params_by_scheme: dict[str, int] = field(default_factory=dict)  # stored elements per scheme
-    code_files: tuple[tuple[str, int], ...] = ()  # (file, bytes) counted in code_bytes
+    code_files: tuple[tuple[str, int], ...] = ()  # (file, bytes): the sources behind code_bytes
+    code_pack: str = "none"  # "lzma": code_bytes is their packed script's size (tgolf.export.codepack)
+    code_bytes_raw: int = 0  # the files' bytes as they are
+    code_not_packed: str = ""  # why a requested pack was not made
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -63,7 +67,7 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
 
     ``config`` is the run's tgolf Config (or its ``to_dict()``); the reload rebuilds the model from it.
     An existing file is never replaced unless ``overwrite=True``. ``code`` defaults to ``count_code_bytes()``
-    (call this in the process that trained). ``hessians`` turns on GPTQ for those matrices and ``schemes`` gives
+    packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on GPTQ for those matrices and ``schemes`` gives
     some matrices their own bits (see quantize_model).
     The artifact is decompressed and compared before it is kept.
     """
@@ -90,14 +94,17 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    code = count_code_bytes() if code is None else code
+    if code is None:
+        settings = _config_dict(config)
+        code = count_code_bytes(pack=settings.get("code_pack", Config.code_pack), config=settings)
     model_bytes = path.stat().st_size
     params: dict[str, int] = {}
     for qt in qtensors.values():
         params[qt.scheme] = params.get(qt.scheme, 0) + qt.numel
     return ArtifactInfo(path=str(path), scheme=scheme, compressor=chosen, raw_bytes=len(blob),
                         model_bytes=model_bytes, code_bytes=code.total, artifact_bytes=model_bytes + code.total,
-                        compressed_sizes=sizes, params_by_scheme=params, code_files=code.files)
+                        compressed_sizes=sizes, params_by_scheme=params, code_files=code.files,
+                        code_pack=code.pack, code_bytes_raw=code.raw, code_not_packed=code.not_packed)
 
 
 def check_budget(info: ArtifactInfo | Mapping[str, Any], limit: int = ARTIFACT_LIMIT) -> None:

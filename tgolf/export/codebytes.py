@@ -18,8 +18,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import tgolf
+from tgolf.config import CODE_PACKS
+from tgolf.export.codepack import packed_script, unpackable
 
 EXCLUDED_PACKAGES = ("tgolf.bench", "tgolf.profile")
 _CSRC_SUFFIXES = (".cu", ".cuh", ".cpp", ".cc", ".h", ".hpp")
@@ -27,8 +30,11 @@ _CSRC_SUFFIXES = (".cu", ".cuh", ".cpp", ".cc", ".h", ".hpp")
 
 @dataclass(frozen=True)
 class CodeBytes:
-    total: int
+    total: int  # what counts toward the artifact: the packed script's bytes, or the files' where not packed
     files: tuple[tuple[str, int], ...]  # (path relative to the repository root where possible, bytes)
+    raw: int = 0  # the files' bytes as they are
+    pack: str = "none"  # "lzma" when ``total`` is the packed script's size
+    not_packed: str = ""  # why a requested pack was not made
 
 
 def _excluded(module_name: str, path: Path, package_dir: Path, exclude: tuple[str, ...]) -> bool:
@@ -61,11 +67,24 @@ def _source_files(exclude: tuple[str, ...]) -> set[Path]:
     return found
 
 
-def count_code_bytes(exclude: tuple[str, ...] = EXCLUDED_PACKAGES) -> CodeBytes:
-    """Bytes of the tgolf code this process imported (see the module docstring), with the list of files."""
+def count_code_bytes(exclude: tuple[str, ...] = EXCLUDED_PACKAGES, pack: str = "none",
+                     config: Mapping[str, Any] | None = None) -> CodeBytes:
+    """Bytes of the tgolf code this process imported (see the module docstring), with the list of files.
+
+    ``pack="lzma"`` counts the self-extracting script of those files and the run's ``config``
+    (tgolf.export.codepack) instead, where it can be made: not when the run loaded the compiled extension, which
+    the script could not rebuild (``not_packed`` says so, and the files count as they are).
+    """
+    if pack not in CODE_PACKS:
+        raise ValueError(f"code pack {pack!r}: expected one of {CODE_PACKS}")
     repo_root = Path(tgolf.__file__).resolve().parent.parent
     files = []
     for path in sorted(_source_files(exclude)):
         shown = path.relative_to(repo_root) if path.is_relative_to(repo_root) else path
         files.append((str(shown), path.stat().st_size))
-    return CodeBytes(total=sum(size for _, size in files), files=tuple(files))
+    raw = sum(size for _, size in files)
+    why = "" if pack == "none" else unpackable([f for f, _ in files])
+    if pack == "none" or why:
+        return CodeBytes(total=raw, files=tuple(files), raw=raw, not_packed=why)
+    script = packed_script(repo_root, [f for f, _ in files], config or {})
+    return CodeBytes(total=len(script.encode("utf-8")), files=tuple(files), raw=raw, pack=pack)

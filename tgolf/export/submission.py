@@ -3,7 +3,8 @@
 The contest's records live in ``records/track_10min_16mb/<date>_<name>/`` and hold a README.md, a
 submission.json (``author``, ``github_id``, ``name``, ``blurb``, ``date``, ``val_loss``, ``val_bpb``,
 ``bytes_total``, ``bytes_code``), the training log and the code that ran. ``write_submission`` writes the same
-files, with tgolf's extra figures added to submission.json, and the code snapshot under ``code/``.
+files, with tgolf's extra figures added to submission.json: the code as ``train_gpt.py`` (where the run packed it,
+tgolf.export.codepack: the script whose size is ``bytes_code``) and as readable sources under ``code/``.
 
 ``val_bpb`` / ``val_loss`` are the scores of the model reloaded from the artifact (as in the records, where the
 scored number is the quantized roundtrip); the pre-export figures sit beside them.
@@ -26,7 +27,9 @@ import torch
 import tgolf
 from tgolf.config import Config
 from tgolf.export.artifact import ARTIFACT_LIMIT, check_budget
+from tgolf.export.codepack import packed_script
 
+PACKED_SCRIPT = "train_gpt.py"  # the records' name for the script that trains and scores
 REQUIRED_SUMMARY_FIELDS = ("val_bpb", "roundtrip_val_bpb", "artifact_bytes", "model_bytes", "code_bytes")
 
 
@@ -66,7 +69,8 @@ def submission_json(summary: Mapping[str, Any], config: Mapping[str, Any], *, na
         "tokens_per_second": summary.get("tokens_per_second"),
         "hardware": summary.get("hardware") or describe_hardware(),
         "export_scheme": summary.get("export_scheme", config.get("export_scheme")),
-        "compressor": summary.get("compressor"),
+        "compressor": summary.get("compressor"), "code_pack": summary.get("code_pack", "none"),
+        "bytes_code_files": summary.get("code_bytes_raw"),
         "tgolf_version": tgolf.__version__,
     }
 
@@ -106,9 +110,26 @@ def render_readme(record: Mapping[str, Any], config: Mapping[str, Any], code_fil
              json.dumps(dict(config), indent=2, sort_keys=True), "```", "", "## Included files", "",
              "- `README.md` (this file)", "- `submission.json` (leaderboard metadata)",
              "- `train.log` (the training log of this run)"]
-    if code_files:
+    if record.get("code_pack", "none") != "none":
+        lines += [f"- `{PACKED_SCRIPT}` (the code counted in the code bytes: the tgolf sources below packed into "
+                  "one self-extracting script with this run's settings; run it like `python -m tgolf.train`)",
+                  f"- `code/` ({len(code_files)} files: the same sources, readable)"]
+    elif code_files:
         lines.append(f"- `code/` ({len(code_files)} files: the tgolf sources counted in the code bytes)")
     return "\n".join(lines) + "\n"
+
+
+def _packed_script(summary: Mapping[str, Any], root: Path, code_files: list[str], config: Any) -> str | None:
+    """The packed script whose size the run counted (None when its code was not packed), rebuilt from the same
+    files and settings; refused when its size differs from the summary's code bytes."""
+    if summary.get("code_pack", "none") == "none":
+        return None
+    script = packed_script(root, code_files, _config_dict(config))
+    size = len(script.encode("utf-8"))
+    if size != summary["code_bytes"]:
+        raise ValueError(f"write_submission: the packed script of these code files is {size:,} bytes, the summary "
+                         f"counted {summary['code_bytes']:,} (did the sources or the config change since the run?)")
+    return script
 
 
 def write_submission(out_dir: str | os.PathLike, summary: Mapping[str, Any], train_log_path: str | os.PathLike,
@@ -134,6 +155,7 @@ def write_submission(out_dir: str | os.PathLike, summary: Mapping[str, Any], tra
     for rel, src in sources:
         if rel.is_absolute() or ".." in rel.parts or not src.is_file():
             raise FileNotFoundError(f"write_submission: code file {rel} is not a file under {root}")
+    script = _packed_script(summary, root, [str(rel) for rel, _ in sources], config)
     exists = out_dir.exists() and any(out_dir.iterdir())
     if exists and not overwrite:
         raise FileExistsError(f"submission folder {out_dir} is not empty; pass overwrite=True to write into it")
@@ -148,6 +170,8 @@ def write_submission(out_dir: str | os.PathLike, summary: Mapping[str, Any], tra
         (stage / "submission.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         (stage / "README.md").write_text(render_readme(record, cfg, [str(r) for r, _ in sources]), encoding="utf-8")
         shutil.copyfile(log, stage / "train.log")
+        if script is not None:
+            (stage / PACKED_SCRIPT).write_text(script, encoding="utf-8")
         for rel, src in sources:
             (stage / "code" / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, stage / "code" / rel)

@@ -135,8 +135,11 @@ def run(cfg: Config) -> dict[str, Any]:
             info = write_artifact(artifact_path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                   compressor=cfg.compressor, overwrite=True, hessians=hessians,
                                   schemes={name: embed_scheme for name in embedding_names(model)})
+            packed = (f"packed script, {info.code_bytes_raw:,} B as files" if info.code_pack != "none"
+                      else info.code_not_packed or "as files")
             logger.log(f"artifact {artifact_path}: model {info.model_bytes:,} B ({info.compressor}) + code "
-                       f"{info.code_bytes:,} B = {info.artifact_bytes:,} B (limit {cfg.max_artifact_bytes:,})")
+                       f"{info.code_bytes:,} B ({packed}) = {info.artifact_bytes:,} B (limit "
+                       f"{cfg.max_artifact_bytes:,})")
         info = distributed.broadcast_object(info)
         roundtrip_model, _ = load_artifact(artifact_path, env.device)
         post = validate(roundtrip_model, cfg.eval_stride)
@@ -150,6 +153,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "roundtrip_val_bpb": post["val_bpb"], "roundtrip_val_loss": post["val_loss"],
             "quantization_gap_bpb": post["val_bpb"] - pre["val_bpb"],
             "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
+            "code_pack": info.code_pack, "code_bytes_raw": info.code_bytes_raw,
             "compressor": info.compressor, "export_scheme": cfg.export_scheme, "artifact_path": str(artifact_path),
             "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,

@@ -1,0 +1,124 @@
+"""The run's code packed into one self-extracting script (tgolf.export.codepack) and counted at its size."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tgolf
+from tgolf.config import Config, env_overrides
+from tgolf.export import codebytes, codepack
+
+ROOT = Path(tgolf.__file__).resolve().parent.parent
+TINY = ["--preset", "smoke", "--num-layers", "2", "--model-dim", "32", "--num-heads", "2", "--num-kv-heads", "1",
+        "--train-seq-len", "32", "--train-batch-tokens", "512", "--val-batch-size", "1024", "--val-tokens-limit",
+        "2048", "--iterations", "4", "--warmdown-iters", "2", "--compressor", "zlib", "--device", "cpu"]
+
+
+def _clean_env() -> dict[str, str]:
+    """This environment without tgolf's settings (the packed script sets its own where these are unset)."""
+    fields = {name.upper() for name in Config().to_dict()}
+    return {k: v for k, v in os.environ.items() if k not in fields and k not in ("PYTHONPATH", "TGOLF_BACKEND")}
+
+
+def test_pack_is_deterministic_and_reads_back_without_running():
+    files = {"tgolf/a.py": "x = 'é'\n" * 50, "tgolf/kernels/k.py": "pass\n"}
+    env = {"NUM_LAYERS": "11"}
+    script = codepack.pack_script(files, env)
+    assert script == codepack.pack_script(dict(reversed(files.items())), env)  # order does not matter
+    assert codepack.read_pack(script) == {"env": env, "files": files}
+    compile(script, "train_gpt.py", "exec")
+    with pytest.raises(codepack.PackError, match="not a tgolf packed script"):
+        codepack.read_pack("print('hello')\n")
+    broken = script.replace(script[script.index('"') + 1:script.index('"') + 9], "~~~~~~~~")
+    with pytest.raises(codepack.PackError, match="do not decode"):
+        codepack.read_pack(broken)
+
+
+def test_paths_in_the_pack_follow_the_package_layout():
+    assert codepack.packed_path("kernels/ternary.py") == "tgolf/kernels/ternary.py"  # a symlink in the checkout
+    assert codepack.packed_path("tgolf/ops/loss/__init__.py") == "tgolf/ops/loss/__init__.py"
+    assert codepack.unpackable(["tgolf/a.py", "kernels/b.py"]) == ""
+    assert "tgolf._C" in codepack.unpackable(["tgolf/a.py", "csrc/ops.cpp"])
+    assert "tgolf._C" in codepack.unpackable(["tgolf/_C.cpython-311-x86_64-linux-gnu.so"])
+    assert "outside" in codepack.unpackable(["/opt/elsewhere/tgolf/a.py"])
+    with pytest.raises(codepack.PackError, match="tgolf._C"):
+        codepack.packed_script(ROOT, ["csrc/ops.cpp"], {})
+
+
+def test_run_settings_travel_as_environment_variables_that_rebuild_the_config():
+    cfg = Config(num_layers=11, tie_embeddings=False, matrix_lr=0.0375, linear="ternary-g128", data_path="/data",
+                 run_id="mine", out_dir="/tmp/x", submission_dir="/tmp/s").validate()
+    env = codepack.run_env(cfg.to_dict())
+    assert env == {"NUM_LAYERS": "11", "TIE_EMBEDDINGS": "0", "MATRIX_LR": "0.0375", "LINEAR": "ternary-g128"}
+    rebuilt = Config(**env_overrides(env), data_path="/data", run_id="mine", out_dir="/tmp/x", submission_dir="/tmp/s")
+    assert rebuilt == cfg
+
+
+def test_code_bytes_count_the_packed_script_unless_the_extension_was_loaded(monkeypatch):
+    packed = codebytes.count_code_bytes(pack="lzma", config={"num_layers": 3})
+    plain = codebytes.count_code_bytes()
+    assert packed.files == plain.files and packed.raw == plain.raw == plain.total
+    if packed.pack == "none":  # this process loaded tgolf._C (another test did): counted as files, saying why
+        assert "tgolf._C" in packed.not_packed and packed.total == packed.raw
+    else:
+        script = codepack.packed_script(ROOT, [f for f, _ in packed.files], {"num_layers": 3})
+        assert packed.total == len(script.encode()) < packed.raw / 2
+        assert codepack.read_pack(script)["env"] == {"NUM_LAYERS": "3"}
+    real = codebytes._source_files
+    monkeypatch.setattr(codebytes, "_source_files", lambda exclude: real(exclude) | {ROOT / "csrc" / "ops.cpp"})
+    with_extension = codebytes.count_code_bytes(pack="lzma")
+    assert with_extension.pack == "none" and "tgolf._C" in with_extension.not_packed
+    with pytest.raises(ValueError, match="code pack 'zip'"):
+        codebytes.count_code_bytes(pack="zip")
+
+
+def test_the_script_runs_its_own_sources_and_leaves_nothing_behind(tmp_path):
+    # tgolf's __init__ with a marker, and a stand-in for the training entry point
+    files = {"tgolf/__init__.py": (ROOT / "tgolf/__init__.py").read_text() + "\nprint('tgolf from', __file__)\n"}
+    files["tgolf/train/__init__.py"] = ""
+    files["tgolf/train/__main__.py"] = "import os, sys\nprint('NUM_LAYERS', os.environ['NUM_LAYERS'], sys.argv[1:])\n"
+    script = tmp_path / "train_gpt.py"
+    script.write_text(codepack.pack_script(files, {"NUM_LAYERS": "11", "SEED": "7"}))
+    env = {**_clean_env(), "SEED": "8", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(script), "--flag"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    first, second = proc.stdout.splitlines()
+    assert first.startswith(f"tgolf from {tmp_path}/tgolf-code-") and first.endswith("tgolf/__init__.py")
+    assert second == "NUM_LAYERS 11 ['--flag']"
+    assert [p.name for p in tmp_path.iterdir()] == ["train_gpt.py"]  # the unpacked folder is removed
+
+
+def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards):
+    """A fresh process (no extension loaded on a CPU) packs its code; the submission's train_gpt.py, run from
+    another folder with only the data given, trains the same settings and counts the same bytes."""
+    env = _clean_env()
+    first = subprocess.run([sys.executable, "-m", "tgolf.train", *TINY, "--data-path", str(tiny_shards),
+                            "--out-dir", str(tmp_path / "runs"), "--run-id", "a", "--submission-dir",
+                            str(tmp_path / "sub")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "a" / "summary.json").read_text())
+    script = tmp_path / "sub" / "train_gpt.py"
+    assert summary["code_pack"] == "lzma" and script.stat().st_size == summary["code_bytes"]
+    assert summary["code_bytes"] < summary["code_bytes_raw"] / 2
+    record = json.loads((tmp_path / "sub" / "submission.json").read_text())
+    assert record["bytes_code"] == summary["code_bytes"] and record["code_pack"] == "lzma"
+    code = tmp_path / "sub" / "code"  # the readable sources beside it are the packed ones
+    packed = codepack.read_pack(script.read_text())["files"]
+    assert packed == {codepack.packed_path(p.relative_to(code).as_posix()): p.read_text()
+                      for p in code.rglob("*") if p.is_file()}
+    again = tmp_path / "again"
+    again.mkdir()
+    rerun = subprocess.run([sys.executable, str(script), "--out-dir", str(again / "runs"), "--run-id", "b"],
+                           cwd=again, env={**env, "DATA_PATH": str(tiny_shards)}, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    repeat = json.loads((again / "runs" / "b" / "summary.json").read_text())
+    assert repeat["code_bytes"] == summary["code_bytes"] and repeat["params"] == summary["params"]
+    assert {k: v for k, v in repeat["config"].items() if k not in codepack.MACHINE_FIELDS} == \
+        {k: v for k, v in summary["config"].items() if k not in codepack.MACHINE_FIELDS}
