@@ -12,6 +12,7 @@ import pytest
 import tgolf
 from tgolf.config import Config, env_overrides
 from tgolf.export import codebytes, codepack
+from tgolf.export.codestrip import strip
 
 ROOT = Path(tgolf.__file__).resolve().parent.parent
 TINY = ["--preset", "smoke", "--num-layers", "2", "--model-dim", "32", "--num-heads", "2", "--num-kv-heads", "1",
@@ -110,7 +111,7 @@ def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards
     assert record["bytes_code"] == summary["code_bytes"] and record["code_pack"] == "lzma"
     code = tmp_path / "sub" / "code"  # the readable sources beside it are the packed ones
     packed = codepack.read_pack(script.read_text())["files"]
-    assert packed == {codepack.packed_path(p.relative_to(code).as_posix()): p.read_text()
+    assert packed == {codepack.packed_path(p.relative_to(code).as_posix()): strip(p.read_text())
                       for p in code.rglob("*") if p.is_file()}
     again = tmp_path / "again"
     again.mkdir()
@@ -122,3 +123,85 @@ def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards
     assert repeat["code_bytes"] == summary["code_bytes"] and repeat["params"] == summary["params"]
     assert {k: v for k, v in repeat["config"].items() if k not in codepack.MACHINE_FIELDS} == \
         {k: v for k, v in summary["config"].items() if k not in codepack.MACHINE_FIELDS}
+
+
+# --- prose out of the packed sources -------------------------------------------------------------------------
+
+SAMPLE = '''"""Module docstring."""
+from __future__ import annotations
+
+# a whole-line comment
+X = "# not a comment"  # a trailing comment
+
+
+def documented(a):
+    """Function docstring,
+    over two lines."""
+    return a  # trailing
+
+
+def only_prose():
+    """Nothing else."""
+
+
+def one_line(): "kept: it shares the header's line"
+
+
+class Thing:
+    """Class docstring."""
+
+    value = (1,  # inside brackets
+             2)
+'''
+
+
+def test_strip_takes_out_comments_and_docstrings_and_nothing_else():
+    out = strip(SAMPLE)
+    assert "docstring" not in out and "comment" not in out.replace("# not a comment", "")
+    assert '"# not a comment"' in out and "kept: it shares" in out
+    assert "def only_prose():\n    pass\n" in out
+    namespace: dict = {}
+    exec(compile(out, "sample", "exec"), namespace)
+    assert namespace["documented"](3) == 3 and namespace["Thing"].value == (1, 2) and namespace["X"] == "# not a comment"
+    assert strip(out) == out  # a packed run re-packs its own sources to the same bytes
+
+
+def test_strip_keeps_what_a_module_reads_of_itself():
+    reads_doc = SAMPLE + "\nHELP = __doc__\n"
+    out = strip(reads_doc)
+    assert '"""Module docstring."""' in out and "Function docstring" in out and "# a whole-line" not in out
+    reads_source = SAMPLE + "\nimport inspect\nSOURCE = inspect.getsource(Thing)\n"
+    assert strip(reads_source) == reads_source
+
+
+@pytest.mark.parametrize("cut", [{4: 3}, {10: 10}], ids=["not-python", "other-code"])
+def test_strip_keeps_the_original_when_the_result_is_not_the_same_code(monkeypatch, cut):
+    from tgolf.export import codestrip
+
+    # comment positions off by a few columns would cut code (`X =`; `return` without its value): the check
+    # catches both
+    monkeypatch.setattr(codestrip, "_comment_columns", lambda source: cut)
+    assert strip(SAMPLE) == SAMPLE
+
+
+@pytest.mark.parametrize("folder", ["tgolf", "kernels"])
+def test_every_source_file_strips_to_the_same_code(folder):
+    import ast
+
+    def code_of(source: str) -> str:
+        tree = ast.parse(source)
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                    isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                    isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+        return ast.dump(tree)
+
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert len(files) > 5
+    for path in files:
+        source = path.read_text()
+        out = strip(source)
+        assert code_of(out) == code_of(source), path
+        assert len(out) < len(source) or "getsource" in source or "__doc__" in source or not source.strip(), path

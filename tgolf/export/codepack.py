@@ -7,7 +7,8 @@ unpacks them into a temporary folder and runs ``tgolf.train`` from there:
 
 * the payload is JSON (no pickle): ``{"env": {...}, "files": {path: text}}``, LZMA (xz, preset 9 extreme), then
   base85, whose alphabet needs no escaping inside a Python string literal;
-* ``files`` are laid out as the package imports them: ``tgolf/...`` and the Triton kernels under
+* ``files`` are the sources without comments and docstrings (tgolf.export.codestrip checks that the code is
+  unchanged), laid out as the package imports them: ``tgolf/...`` and the Triton kernels under
   ``tgolf/kernels/`` (a symlink in the checkout). Python only: a run that loaded the compiled CUDA extension
   ``tgolf._C`` is not packed (the script would have to rebuild it with the machine's toolkit), and its files
   count as they are;
@@ -26,6 +27,8 @@ import json
 import lzma
 from pathlib import Path
 from typing import Any, Mapping
+
+from tgolf.export.codestrip import strip
 
 # Settings that name this machine's files or this run rather than what was trained: not carried by the script.
 MACHINE_FIELDS = ("data_path", "tokenizer_path", "run_id", "out_dir", "submission_dir", "resume", "profile_steps")
@@ -114,9 +117,10 @@ def unpackable(repo_paths: list[str]) -> str:
 
 
 def packed_script(root: Path, repo_paths: list[str], config: Mapping[str, Any]) -> str:
-    """The packed script of the files (relative to ``root``, the repository root) and the run's ``config``."""
+    """The packed script of the files (relative to ``root``, the repository root), stripped of their prose, and
+    the run's ``config``."""
     why = unpackable(repo_paths)
     if why:
         raise PackError(f"cannot pack this run's code: {why}")
-    files = {packed_path(rel): (root / rel).read_text(encoding="utf-8") for rel in repo_paths}
+    files = {packed_path(rel): strip((root / rel).read_text(encoding="utf-8")) for rel in repo_paths}
     return pack_script(files, run_env(config))
