@@ -110,7 +110,7 @@ def unpackable(repo_paths: list[str]) -> str:
         path = Path(rel)
         if (path.parts and path.parts[0] == "csrc") or path.suffix != ".py":
             return (f"the run loaded the compiled CUDA extension tgolf._C ({rel}), which the packed script does "
-                    "not rebuild; its files count as they are")
+                    "not rebuild; its files count as they are (TGOLF_BACKEND=triton runs without it)")
         if path.is_absolute() or ".." in path.parts:
             return f"{rel} lies outside the checkout holding the tgolf package"
     return ""
