@@ -205,3 +205,22 @@ def test_every_source_file_strips_to_the_same_code(folder):
         out = strip(source)
         assert code_of(out) == code_of(source), path
         assert len(out) < len(source) or "getsource" in source or "__doc__" in source or not source.strip(), path
+
+
+def test_cli_shows_and_extracts_a_packed_script_without_running_it(tmp_path, capsys):
+    files = {"tgolf/__init__.py": "raise SystemExit('must not run')\n", "tgolf/kernels/k.py": "K = 1\n"}
+    script = tmp_path / "train_gpt.py"
+    script.write_text(codepack.pack_script(files, {"NUM_LAYERS": "11"}))
+    assert codepack.main([str(script), "--extract", str(tmp_path / "out")]) == 0
+    shown = capsys.readouterr().out
+    assert "2 files" in shown and "NUM_LAYERS=11" in shown and "tgolf/kernels/k.py" in shown
+    assert (tmp_path / "out" / "tgolf" / "kernels" / "k.py").read_text() == "K = 1\n"
+    assert codepack.main([str(script), "--extract", str(tmp_path / "out")]) == 2  # nothing is replaced
+    assert "already exist" in capsys.readouterr().err
+    (tmp_path / "notes.md").write_text("| a | b |\n")
+    assert codepack.main([str(tmp_path / "notes.md")]) == 2
+    assert "not a tgolf packed script" in capsys.readouterr().err
+    evil = tmp_path / "evil.py"
+    evil.write_text(codepack.pack_script({"../escape.py": "x = 1\n"}, {}))
+    assert codepack.main([str(evil), "--extract", str(tmp_path / "out2")]) == 2
+    assert not (tmp_path / "escape.py").exists() and "outside" in capsys.readouterr().err

@@ -18,6 +18,9 @@ unpacks them into a temporary folder and runs ``tgolf.train`` from there:
 
 Packing is deterministic (sorted keys, fixed settings): the same sources and settings give the same bytes, so
 the size counted at the end of a run is the size of the script a submission ships.
+
+``python -m tgolf.export.codepack train_gpt.py [--extract DIR]`` shows what a packed script holds (settings, files
+and their sizes) without running it, and writes the files out.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import ast
 import base64
 import json
 import lzma
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -90,7 +94,11 @@ def pack_script(files: Mapping[str, str], env: Mapping[str, str]) -> str:
 
 def read_pack(script: str, name: str = "script") -> dict[str, Any]:
     """The payload (``env`` and ``files``) of a packed script, read without running any of it."""
-    literals = [node.value for node in ast.walk(ast.parse(script, name)) if isinstance(node, ast.Constant)
+    try:
+        tree = ast.parse(script, name)
+    except SyntaxError as err:
+        raise PackError(f"{name}: not a tgolf packed script (not Python: {err.msg}, line {err.lineno})") from None
+    literals = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)
                 and isinstance(node.value, str) and len(node.value) > 64]
     if len(literals) != 1:
         raise PackError(f"{name}: not a tgolf packed script (expected one long string literal, found "
@@ -124,3 +132,52 @@ def packed_script(root: Path, repo_paths: list[str], config: Mapping[str, Any]) 
         raise PackError(f"cannot pack this run's code: {why}")
     files = {packed_path(rel): strip((root / rel).read_text(encoding="utf-8")) for rel in repo_paths}
     return pack_script(files, run_env(config))
+
+
+def extract(script: str, out_dir: Path) -> list[Path]:
+    """Write a packed script's files under ``out_dir`` (read, never run); refuses to replace existing files."""
+    files = read_pack(script)["files"]
+    targets = []
+    for name in files:
+        path = Path(name)
+        if path.is_absolute() or ".." in path.parts:
+            raise PackError(f"packed file {name!r} would land outside {out_dir}")
+        targets.append(out_dir / path)
+    clashes = [str(t) for t in targets if t.exists()]
+    if clashes:
+        raise FileExistsError(f"extract: {len(clashes)} files already exist, first {clashes[0]}; nothing written")
+    for target, text in zip(targets, files.values()):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text, encoding="utf-8")
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m tgolf.export.codepack",
+                                     description="Show what a packed train_gpt.py holds (its settings and files), "
+                                                 "without running it; --extract writes the files out.")
+    parser.add_argument("script", type=Path)
+    parser.add_argument("--extract", type=Path, metavar="DIR", help="write the packed files under DIR")
+    args = parser.parse_args(argv)
+    try:
+        text = args.script.read_text(encoding="utf-8")
+        payload = read_pack(text, str(args.script))
+        written = extract(text, args.extract) if args.extract else []
+    except (OSError, PackError) as err:
+        print(f"tgolf.export.codepack: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.script}: {len(text.encode('utf-8')):,} bytes, {len(payload['files'])} files, "
+          f"{sum(len(t.encode('utf-8')) for t in payload['files'].values()):,} bytes unpacked")
+    for key, value in payload["env"].items():
+        print(f"  {key}={value}")
+    for name, source in payload["files"].items():
+        print(f"  {len(source.encode('utf-8')):8,}  {name}")
+    if written:
+        print(f"wrote {len(written)} files under {args.extract}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
