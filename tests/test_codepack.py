@@ -95,9 +95,10 @@ def test_the_script_runs_its_own_sources_and_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["train_gpt.py"]  # the unpacked folder is removed
 
 
+@pytest.mark.slow
 def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards):
-    """A fresh process (no extension loaded on a CPU) packs its code; the submission's train_gpt.py, run from
-    another folder with only the data given, trains the same settings and counts the same bytes."""
+    """A fresh process (no extension loaded on a CPU) packs its code; the submission's train_gpt.py, run under
+    torchrun from another folder with only the data given, trains the same settings and counts the same bytes."""
     env = _clean_env()
     first = subprocess.run([sys.executable, "-m", "tgolf.train", *TINY, "--data-path", str(tiny_shards),
                             "--out-dir", str(tmp_path / "runs"), "--run-id", "a", "--submission-dir",
@@ -115,10 +116,13 @@ def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards
                       for p in code.rglob("*") if p.is_file()}
     again = tmp_path / "again"
     again.mkdir()
-    rerun = subprocess.run([sys.executable, str(script), "--out-dir", str(again / "runs"), "--run-id", "b"],
-                           cwd=again, env={**env, "DATA_PATH": str(tiny_shards)}, capture_output=True, text=True,
-                           timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # as the contest starts it: torchrun on the script (two ranks here, gloo), each rank unpacking its own copy
+    rerun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script), "--out-dir", str(again / "runs"), "--run-id", "b"],
+                           cwd=again, env={**env, "DATA_PATH": str(tiny_shards), "OMP_NUM_THREADS": "1"},
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "all 2 ranks agree on the trained parameters" in rerun.stdout
     repeat = json.loads((again / "runs" / "b" / "summary.json").read_text())
     assert repeat["code_bytes"] == summary["code_bytes"] and repeat["params"] == summary["params"]
     assert {k: v for k, v in repeat["config"].items() if k not in codepack.MACHINE_FIELDS} == \
