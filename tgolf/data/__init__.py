@@ -1,10 +1,16 @@
-"""Data: the contest shard format, the distributed loader, tokenizers and byte tables, corpus preparation."""
-from tgolf.data.corpus import prepare_default_data
-from tgolf.data.loader import TokenLoader, load_val_tokens
-from tgolf.data.prepare import prepare, write_dataset
-from tgolf.data.shards import ShardError, list_shards, read_shard, write_shard
-from tgolf.data.tokenizer import BOS_ID, ByteTables, build_byte_tables, load_tokenizer, train_tokenizer
+"""Data: the contest shard format, the distributed loader, tokenizers and byte tables, corpus preparation.
 
-__all__ = ["BOS_ID", "ByteTables", "ShardError", "TokenLoader", "build_byte_tables", "list_shards", "load_tokenizer",
-           "load_val_tokens", "prepare", "prepare_default_data", "read_shard", "train_tokenizer", "write_dataset",
-           "write_shard"]
+Names are imported on first use, so that a run on ready-made shards does not import (and count in its code
+bytes) the preparation of a corpus.
+"""
+from __future__ import annotations
+
+from tgolf._lazy import lazy_exports
+
+__getattr__, __all__ = lazy_exports(__name__, {
+    "tgolf.data.corpus": ("prepare_default_data",),
+    "tgolf.data.loader": ("TokenLoader", "load_val_tokens"),
+    "tgolf.data.prepare": ("prepare", "write_dataset"),
+    "tgolf.data.shards": ("ShardError", "list_shards", "read_shard", "write_shard"),
+    "tgolf.data.tokenizer": ("BOS_ID", "ByteTables", "build_byte_tables", "load_tokenizer", "train_tokenizer"),
+})

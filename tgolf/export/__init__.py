@@ -14,10 +14,9 @@ the model and the compressors: ops must not import the model.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tgolf._lazy import lazy_exports
 
-_EXPORTS = {
+__getattr__, __all__ = lazy_exports(__name__, {
     "tgolf.export.artifact": ("ARTIFACT_LIMIT", "ArtifactInfo", "BudgetExceeded", "check_budget", "load_artifact",
                               "read_artifact", "write_artifact"),
     "tgolf.export.codebytes": ("CodeBytes", "count_code_bytes"),
@@ -27,14 +26,4 @@ _EXPORTS = {
                              "unpack_bits", "unpack_fp16_adaptive", "unpack_trits"),
     "tgolf.export.quantize": ("QuantTensor", "dequantize_model", "quantize_model"),
     "tgolf.export.submission": ("record_folder_name", "write_submission"),
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module 'tgolf.export' has no attribute {name!r}")
-
-
-__all__ = sorted(_WHERE)
+})

@@ -4,24 +4,12 @@
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tgolf._lazy import lazy_exports
 
-_OPS = {
-    "ternary_linear": "tgolf.ops.ternary",
-    "packed_matmul": "tgolf.ops.ternary",
-    "qat_linear": "tgolf.ops.quant",
-    "fp8_linear": "tgolf.ops.quant",
-    "fused_mlp": "tgolf.ops.mlp",
-    "softcap_cross_entropy": "tgolf.ops.loss",
-    "linear_attention": "tgolf.ops.linear_attention",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _OPS:
-        return getattr(importlib.import_module(_OPS[name]), name)
-    raise AttributeError(f"module 'tgolf.ops' has no attribute {name!r}")
-
-
-__all__ = list(_OPS)
+__getattr__, __all__ = lazy_exports(__name__, {
+    "tgolf.ops.ternary": ("ternary_linear", "packed_matmul"),
+    "tgolf.ops.quant": ("qat_linear", "fp8_linear"),
+    "tgolf.ops.mlp": ("fused_mlp",),
+    "tgolf.ops.loss": ("softcap_cross_entropy",),
+    "tgolf.ops.linear_attention": ("linear_attention",),
+})

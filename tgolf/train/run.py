@@ -73,7 +73,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.loader import TokenLoader, load_val_tokens
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.bpb import evaluate
-    from tgolf.export import check_budget, load_artifact, write_artifact, write_submission
+    from tgolf.export import check_budget, load_artifact, write_artifact
     from tgolf.export.compress import check_available
     from tgolf.export.quantize import embedding_names
 
@@ -172,6 +172,8 @@ def run(cfg: Config) -> dict[str, Any]:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             check_budget(info, cfg.max_artifact_bytes)  # fails loudly before any submission is written
             if cfg.submission_dir:
+                from tgolf.export.submission import write_submission  # only runs that write one count it
+
                 write_submission(cfg.submission_dir, summary, run_dir / "train.log", cfg.to_dict(),
                                  name=cfg.run_id, code_files=[f for f, _ in info.code_files])
                 logger.log(f"submission written to {cfg.submission_dir}")
