@@ -67,8 +67,8 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
 
     ``config`` is the run's tgolf Config (or its ``to_dict()``); the reload rebuilds the model from it.
     An existing file is never replaced unless ``overwrite=True``. ``code`` defaults to ``count_code_bytes()``
-    packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on GPTQ for those matrices and ``schemes`` gives
-    some matrices their own bits (see quantize_model).
+    packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on
+    GPTQ for those matrices and ``schemes`` gives some matrices their own bits (see quantize_model).
     The artifact is decompressed and compared before it is kept.
     """
     path = Path(path)

@@ -29,7 +29,7 @@ import base64
 import json
 import lzma
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 from tgolf.export.codestrip import strip
@@ -64,10 +64,10 @@ class PackError(ValueError):
 
 def packed_path(repo_path: str) -> str:
     """Where a file counted in the code bytes (a path relative to the repository root) sits in the pack."""
-    parts = Path(repo_path).parts
+    parts = PurePosixPath(repo_path).parts
     if parts and parts[0] == "kernels":  # tgolf/kernels is a symlink to the checkout's kernels/
-        return str(Path("tgolf", *parts))
-    return str(Path(*parts))
+        return str(PurePosixPath("tgolf", *parts))
+    return str(PurePosixPath(*parts))
 
 
 def run_env(config: Mapping[str, Any]) -> dict[str, str]:
