@@ -196,7 +196,10 @@ def test_cuda_chunk_kernel_only_for_the_vocabularies_it_was_measured_faster_at(m
     import tgolf.ops.loss as L
     from tgolf import backend
 
+    looked_up = []
+
     def choose(device, cuda_name=None, has_triton=True):  # the extension built and a GPU present
+        looked_up.append(cuda_name)
         if cuda_name and backend.forced_backend() in (None, "cuda"):
             return backend.Choice("cuda", f"CUDA kernel torch.ops.tgolf.{cuda_name}")
         return backend.Choice("triton", "Triton kernel on the GPU")
@@ -205,7 +208,9 @@ def test_cuda_chunk_kernel_only_for_the_vocabularies_it_was_measured_faster_at(m
     monkeypatch.delenv("TGOLF_BACKEND", raising=False)
     device = torch.device("cuda")
     assert [L._chunk_choice(device, v).backend for v in (1024, L.CUDA_MAX_VOCAB, 8192)] == ["cuda", "cuda", "triton"]
+    looked_up.clear()
     assert "0.87×" in L._chunk_choice(device, 8192).reason
+    assert looked_up == [None]  # the CUDA op is not looked up (its extension not loaded) where it will not run
     described = L._describe(device)
     assert described.backend == "cuda" and f"V ≤ {L.CUDA_MAX_VOCAB}" in described.reason and "triton" in described.reason
     monkeypatch.setenv("TGOLF_BACKEND", "cuda")

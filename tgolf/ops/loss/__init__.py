@@ -48,12 +48,16 @@ CUDA_MAX_VOCAB = 4096
 
 
 def _chunk_choice(device: torch.device, vocab: int) -> Choice:
-    """The chunk kernel's backend: the CUDA kernel up to CUDA_MAX_VOCAB (or when TGOLF_BACKEND=cuda asks for it)."""
-    choice = choose(device, cuda_name=_CUDA_NAME)
-    if choice.backend != "cuda" or vocab <= CUDA_MAX_VOCAB or forced_backend() == "cuda":
-        return choice
+    """The chunk kernel's backend: the CUDA kernel up to CUDA_MAX_VOCAB (or when TGOLF_BACKEND=cuda asks for it).
+
+    Above that the CUDA kernel is not even looked up, so that a run which will not call it does not load the
+    extension either: a run that loaded it cannot pack its code (tgolf.export.codepack)."""
+    if vocab <= CUDA_MAX_VOCAB or forced_backend() == "cuda":
+        return choose(device, cuda_name=_CUDA_NAME)
     other = choose(device)
-    return Choice(other.backend, f"{other.reason}; not {_CUDA_NAME} above V = {CUDA_MAX_VOCAB}: measured 0.87× the "
+    if device.type != "cuda":
+        return other
+    return Choice(other.backend, f"{other.reason}; {_CUDA_NAME} only up to V = {CUDA_MAX_VOCAB}: measured 0.87× the "
                                  "Triton kernel's speed at V = 8192 on an H100")
 
 
