@@ -57,6 +57,29 @@ def extension_plan() -> tuple[bool, str]:
     return True, f"CUDA toolkit at {cuda_home}"
 
 
+def _prepare_toolchain() -> tuple[str, list[str]]:
+    """Point torch's extension builder at the toolkit, set the default targets and jobs; (CUDA home, the C++
+    compiler's extra flags)."""
+    from torch.utils import cpp_extension
+
+    cuda_home = _find_cuda_home()
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home  # read when CUDAExtension and the build resolve include and lib paths
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
+    os.environ.setdefault("MAX_JOBS", DEFAULT_MAX_JOBS)
+    late = [flag for d in _late_include_dirs(cuda_home) for flag in ("-idirafter", d)]
+    # the C++ standard is the one torch's headers need (torch adds it)
+    return cuda_home, ["-O3"] + late
+
+
+# The .cu files include no torch headers (fast nvcc); -lineinfo: source lines for compute-sanitizer and ncu.
+_NVCC_FLAGS = ["-O3", "-lineinfo"]
+
+
+def _sources(csrc: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "*.cu")))
+
+
 def cuda_extension_kwargs() -> dict:
     """Return ``ext_modules``/``cmdclass`` for setup(), or {} when the extension cannot be built."""
     build, why = extension_plan()
@@ -65,26 +88,34 @@ def cuda_extension_kwargs() -> dict:
         return {}
     from torch.utils import cpp_extension
 
-    cuda_home = _find_cuda_home()
-    os.environ["CUDA_HOME"] = cuda_home
-    cpp_extension.CUDA_HOME = cuda_home  # read when CUDAExtension and the build resolve include and lib paths
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    os.environ.setdefault("MAX_JOBS", DEFAULT_MAX_JOBS)
+    _, cxx_flags = _prepare_toolchain()
     print(f"tgolf: building the CUDA extension tgolf._C ({why}; TORCH_CUDA_ARCH_LIST="
           f"{os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS={os.environ['MAX_JOBS']})")
-    late = [flag for d in _late_include_dirs(cuda_home) for flag in ("-idirafter", d)]
     extension = cpp_extension.CUDAExtension(
         name="tgolf._C",
-        sources=sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu"))),
+        sources=_sources("csrc"),
         include_dirs=[os.path.join(_ROOT, "csrc")],
         # Find torch's libraries even when tgolf._C is imported before torch: beside an installed tgolf, or where
         # torch was at build time (editable installs).
         extra_link_args=[f"-Wl,-rpath,{path}" for path in ("$ORIGIN/../torch/lib", cpp_extension.TORCH_LIB_PATH)],
-        extra_compile_args={
-            "cxx": ["-O3"] + late,  # the C++ standard is the one torch's headers need (torch adds it)
-            # The .cu files include no torch headers (fast nvcc); -lineinfo: source lines for compute-sanitizer and ncu.
-            "nvcc": ["-O3", "-lineinfo"],
-        },
+        extra_compile_args={"cxx": cxx_flags, "nvcc": _NVCC_FLAGS},
     )
     return {"ext_modules": [extension],
             "cmdclass": {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}}
+
+
+def load_extension(csrc: str, build_dir: str | None = None):
+    """Build ``csrc``'s sources as setup.py does, just in time, and return the loaded module (the packed code of a
+    run that used tgolf._C rebuilds it this way, tgolf.export.codepack). The build is cached in ``build_dir``
+    (default ``$TGOLF_EXTENSION_DIR`` or ``~/.cache/tgolf/extension``) and rebuilt when a source changes; ranks
+    started together wait for one build."""
+    build, why = extension_plan()
+    if not build:
+        raise RuntimeError(f"cannot build the CUDA extension tgolf._C: {why}")
+    from torch.utils import cpp_extension
+
+    _, cxx_flags = _prepare_toolchain()
+    build_dir = build_dir or os.environ.get("TGOLF_EXTENSION_DIR") or os.path.expanduser("~/.cache/tgolf/extension")
+    os.makedirs(build_dir, exist_ok=True)
+    return cpp_extension.load("_C", _sources(csrc), extra_include_paths=[csrc], extra_cflags=cxx_flags,
+                              extra_cuda_cflags=_NVCC_FLAGS, build_directory=build_dir)

@@ -43,12 +43,13 @@ def test_pack_is_deterministic_and_reads_back_without_running():
 def test_paths_in_the_pack_follow_the_package_layout():
     assert codepack.packed_path("kernels/ternary.py") == "tgolf/kernels/ternary.py"  # a symlink in the checkout
     assert codepack.packed_path("tgolf/ops/loss/__init__.py") == "tgolf/ops/loss/__init__.py"
-    assert codepack.unpackable(["tgolf/a.py", "kernels/b.py"]) == ""
-    assert "tgolf._C" in codepack.unpackable(["tgolf/a.py", "csrc/ops.cpp"])
-    assert "tgolf._C" in codepack.unpackable(["tgolf/_C.cpython-311-x86_64-linux-gnu.so"])
+    assert codepack.unpackable(["tgolf/a.py", "kernels/b.py", "csrc/ops.cpp", "tgolf_build.py"]) == ""
+    assert "not source text" in codepack.unpackable(["tgolf/_C.cpython-311-x86_64-linux-gnu.so"])
     assert "outside" in codepack.unpackable(["/opt/elsewhere/tgolf/a.py"])
-    with pytest.raises(codepack.PackError, match="tgolf._C"):
-        codepack.packed_script(ROOT, ["csrc/ops.cpp"], {})
+    with pytest.raises(codepack.PackError, match="not source text"):
+        codepack.packed_script(ROOT, ["tgolf/_C.so"], {})
+    cpp = codepack.read_pack(codepack.packed_script(ROOT, ["csrc/ops.cpp"], {}))["files"]["csrc/ops.cpp"]
+    assert cpp == (ROOT / "csrc" / "ops.cpp").read_text()  # C++ is packed as it is (comments too)
 
 
 def test_run_settings_travel_as_environment_variables_that_rebuild_the_config():
@@ -60,22 +61,32 @@ def test_run_settings_travel_as_environment_variables_that_rebuild_the_config():
     assert rebuilt == cfg
 
 
-def test_code_bytes_count_the_packed_script_unless_the_extension_was_loaded(monkeypatch):
+def test_code_bytes_count_the_packed_script_of_the_imported_sources(monkeypatch):
     packed = codebytes.count_code_bytes(pack="lzma", config={"num_layers": 3})
     plain = codebytes.count_code_bytes()
     assert packed.files == plain.files and packed.raw == plain.raw == plain.total
-    if packed.pack == "none":  # this process loaded tgolf._C (another test did): counted as files, saying why
-        assert "tgolf._C" in packed.not_packed and packed.total == packed.raw
-    else:
-        script = codepack.packed_script(ROOT, [f for f, _ in packed.files], {"num_layers": 3})
-        assert packed.total == len(script.encode()) < packed.raw / 2
-        assert codepack.read_pack(script)["env"] == {"NUM_LAYERS": "3"}
+    script = codepack.packed_script(ROOT, [f for f, _ in packed.files], {"num_layers": 3})
+    assert packed.pack == "lzma" and packed.total == len(script.encode()) < packed.raw / 2
+    assert codepack.read_pack(script)["env"] == {"NUM_LAYERS": "3"}
     real = codebytes._source_files
-    monkeypatch.setattr(codebytes, "_source_files", lambda exclude: real(exclude) | {ROOT / "csrc" / "ops.cpp"})
-    with_extension = codebytes.count_code_bytes(pack="lzma")
-    assert with_extension.pack == "none" and "tgolf._C" in with_extension.not_packed
+    binary = ROOT / "tgolf" / "_C.cpython-311-x86_64-linux-gnu.so"  # an extension whose sources are not here
+    monkeypatch.setattr(codebytes, "_source_files", lambda exclude: real(exclude) | {binary})
+    without_sources = codebytes.count_code_bytes(pack="lzma")
+    assert without_sources.pack == "none" and "not source text" in without_sources.not_packed
+    assert without_sources.total == without_sources.raw
     with pytest.raises(ValueError, match="code pack 'zip'"):
         codebytes.count_code_bytes(pack="zip")
+
+
+def test_a_loaded_extension_counts_its_sources_and_build_recipe():
+    """Where tgolf._C is loaded, csrc/ and tgolf_build.py (which compiles them) are part of the code."""
+    import tgolf_build
+    from tgolf import _extension
+
+    if not (tgolf_build.extension_plan()[0] and _extension.load()):
+        pytest.skip("the CUDA extension is not built here")
+    files = dict(codebytes.count_code_bytes().files)
+    assert "tgolf_build.py" in files and "csrc/ops.cpp" in files and "csrc/common.cuh" in files
 
 
 def test_the_script_runs_its_own_sources_and_leaves_nothing_behind(tmp_path):
@@ -127,6 +138,46 @@ def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards
     assert repeat["code_bytes"] == summary["code_bytes"] and repeat["params"] == summary["params"]
     assert {k: v for k, v in repeat["config"].items() if k not in codepack.MACHINE_FIELDS} == \
         {k: v for k, v in summary["config"].items() if k not in codepack.MACHINE_FIELDS}
+
+
+_REPORT_EXTENSION = """import sys, torch
+module = sys.modules.get("tgolf._C")
+print("extension", getattr(module, "__file__", None), hasattr(torch.ops.tgolf, "softcap_ce_chunk_cuda"))
+"""
+
+
+def _extension_pack(tmp_path: Path) -> Path:
+    """A packed script holding the CUDA sources, their recipe and what loading them needs; its entry point only
+    reports whether the extension is there."""
+    repo_paths = ["tgolf/__init__.py", "tgolf/_extension.py", "tgolf_build.py",
+                  *(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "csrc").iterdir()))]
+    files = codepack.read_pack(codepack.packed_script(ROOT, repo_paths, {}))["files"]
+    files.update({"tgolf/train/__init__.py": "", "tgolf/train/__main__.py": _REPORT_EXTENSION})
+    script = tmp_path / "train_gpt.py"
+    script.write_text(codepack.pack_script(files, {}))
+    return script
+
+
+@pytest.mark.slow
+def test_the_script_of_a_run_that_used_the_extension_builds_it_first(tmp_path):
+    import tgolf_build
+
+    if not tgolf_build.extension_plan()[0]:
+        pytest.skip(f"no CUDA toolkit here: {tgolf_build.extension_plan()[1]}")
+    env = {**_clean_env(), "TMPDIR": str(tmp_path), "TGOLF_EXTENSION_DIR": str(tmp_path / "build")}
+    proc = subprocess.run([sys.executable, str(_extension_pack(tmp_path))], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == f"extension {tmp_path / 'build' / '_C.so'} True"
+
+
+def test_the_script_warns_and_runs_on_where_the_extension_cannot_be_built(tmp_path):
+    env = {**_clean_env(), "TMPDIR": str(tmp_path), "TGOLF_NO_CUDA_EXT": "1"}
+    proc = subprocess.run([sys.executable, str(_extension_pack(tmp_path))], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the CUDA extension did not build" in proc.stderr and "TGOLF_NO_CUDA_EXT=1" in proc.stderr
+    assert proc.stdout.splitlines()[-1] == "extension None False"
 
 
 # --- prose out of the packed sources -------------------------------------------------------------------------

@@ -586,8 +586,8 @@ def test_submission_folder(tmp_path, pack):
     log.write_text("step:1/1 train_loss:5.0\n")
     out = tmp_path / "records" / "track_10min_16mb" / "2026-01-01_tiny"
     code = [f for f, _ in info.code_files]
-    packed = info.code_pack == "lzma"  # not where this process loaded tgolf._C (info.code_not_packed says so)
-    assert packed or pack == "none" or "tgolf._C" in info.code_not_packed
+    packed = info.code_pack == "lzma"
+    assert packed == (pack == "lzma") and info.code_not_packed == ""
     if packed:  # the script is rebuilt from the files and settings, and must be the size the run counted
         with pytest.raises(ValueError, match="did the sources or the config change"):
             write_submission(out, {**summary_for(info), "code_bytes": info.code_bytes + 1,

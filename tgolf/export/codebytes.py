@@ -6,8 +6,9 @@ run is the tgolf source files it actually imported, so code bytes are the UTF-8 
 * every module in ``sys.modules`` named ``tgolf`` or ``tgolf.*`` with a ``__file__``, plus any module whose file
   lies inside the tgolf package (``python -m tgolf.train`` runs as ``__main__``);
 * the Triton kernels (``kernels/``, reached through the ``tgolf/kernels`` symlink), counted once by real path;
-* when the compiled extension ``tgolf._C`` is loaded: the C++/CUDA sources under ``csrc/`` beside the package
-  (the sources are the code; the shared library is a build product), or the binary itself where they are absent;
+* when the compiled extension ``tgolf._C`` is loaded: the C++/CUDA sources under ``csrc/`` beside the package and
+  ``tgolf_build.py``, the recipe that compiles them (the sources are the code; the shared library is a build
+  product), or the binary itself where they are absent;
 
 excluding the instruments a scored run does not need: ``tgolf.bench`` and ``tgolf.profile`` (benchmarks and
 profilers), and tests (never under the ``tgolf`` package). Call it in the process that trained, after training,
@@ -61,8 +62,11 @@ def _source_files(exclude: tuple[str, ...]) -> set[Path]:
             continue
         if path.suffix == ".py":
             found.add(path)
-        else:  # a compiled extension: count its sources when the checkout has them
+        else:  # a compiled extension: count its sources, and the recipe that builds them, when the checkout has them
             sources = [p.resolve() for p in (package_dir.parent / "csrc").rglob("*") if p.suffix in _CSRC_SUFFIXES]
+            recipe = package_dir.parent / "tgolf_build.py"
+            if sources and recipe.is_file():
+                sources.append(recipe.resolve())
             found.update(sources or [path])
     return found
 

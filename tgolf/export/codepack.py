@@ -9,9 +9,9 @@ unpacks them into a temporary folder and runs ``tgolf.train`` from there:
   base85, whose alphabet needs no escaping inside a Python string literal;
 * ``files`` are the sources without comments and docstrings (tgolf.export.codestrip checks that the code is
   unchanged), laid out as the package imports them: ``tgolf/...`` and the Triton kernels under
-  ``tgolf/kernels/`` (a symlink in the checkout). Python only: a run that loaded the compiled CUDA extension
-  ``tgolf._C`` is not packed (the script would have to rebuild it with the machine's toolkit), and its files
-  count as they are;
+  ``tgolf/kernels/`` (a symlink in the checkout). A run that loaded the compiled CUDA extension ``tgolf._C``
+  also packs its C++/CUDA sources (``csrc/``) and their build recipe (``tgolf_build.py``): the script builds them
+  first (just in time, cached, with the machine's CUDA toolkit), or warns and lets those ops run on Triton;
 * ``env`` holds the run's settings as the environment variables tgolf reads (those that differ from the
   defaults, without the machine's paths and names), set only where the environment does not set them, so
   ``torchrun --nproc_per_node=8 train_gpt.py`` repeats the run and variables or flags still override it.
@@ -54,6 +54,12 @@ for name, text in P["files"].items():
 for key, value in P["env"].items():
     os.environ.setdefault(key, value)
 sys.path.insert(0, d)
+if "tgolf_build.py" in P["files"]:  # the run used tgolf's CUDA kernels: build them as setup.py does (needs nvcc)
+    try:
+        import tgolf_build
+        sys.modules["tgolf._C"] = tgolf_build.load_extension(os.path.join(d, "csrc"))
+    except Exception as err:
+        print(f"tgolf: the CUDA extension did not build ({{err}}); its ops run on Triton", file=sys.stderr)
 runpy.run_module("tgolf.train", run_name="__main__", alter_sys=True)
 '''
 
@@ -115,12 +121,12 @@ def read_pack(script: str, name: str = "script") -> dict[str, Any]:
 def unpackable(repo_paths: list[str]) -> str:
     """Why these files (relative to the repository root) cannot be packed, or "" when they can."""
     for rel in repo_paths:
-        path = Path(rel)
-        if (path.parts and path.parts[0] == "csrc") or path.suffix != ".py":
-            return (f"the run loaded the compiled CUDA extension tgolf._C ({rel}), which the packed script does "
-                    "not rebuild; its files count as they are (TGOLF_BACKEND=triton runs without it)")
+        path = PurePosixPath(rel)
         if path.is_absolute() or ".." in path.parts:
             return f"{rel} lies outside the checkout holding the tgolf package"
+        if path.suffix != ".py" and path.parts[0] != "csrc":
+            return (f"{rel} is not source text (the compiled extension tgolf._C, without its csrc/ sources beside "
+                    "the package); the files count as they are")
     return ""
 
 
@@ -130,7 +136,10 @@ def packed_script(root: Path, repo_paths: list[str], config: Mapping[str, Any]) 
     why = unpackable(repo_paths)
     if why:
         raise PackError(f"cannot pack this run's code: {why}")
-    files = {packed_path(rel): strip((root / rel).read_text(encoding="utf-8")) for rel in repo_paths}
+    files = {}
+    for rel in repo_paths:
+        text = (root / rel).read_text(encoding="utf-8")
+        files[packed_path(rel)] = strip(text) if rel.endswith(".py") else text
     return pack_script(files, run_env(config))
 
 
