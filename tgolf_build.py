@@ -1,7 +1,8 @@
 """Decides whether setup.py builds the optional CUDA extension ``tgolf._C``, and how.
 
 Kept out of setup.py so that the decision (opted out? torch importable? CUDA toolkit present?) is one small
-function that the build and ``python -m tgolf.info`` explain the same way.
+function that the build and ``python -m tgolf.info`` explain the same way, and so that a packed run's code
+(tgolf.export.codepack) can build the extension just in time with the same recipe (``load_extension``).
 
 Environment: ``TGOLF_NO_CUDA_EXT=1`` skips the extension; ``TORCH_CUDA_ARCH_LIST`` picks the GPU targets
 (default ``8.0;9.0a``: sm_80 and sm_90a); ``MAX_JOBS`` the parallel compile jobs (default 2).
@@ -57,9 +58,9 @@ def extension_plan() -> tuple[bool, str]:
     return True, f"CUDA toolkit at {cuda_home}"
 
 
-def _prepare_toolchain() -> tuple[str, list[str]]:
-    """Point torch's extension builder at the toolkit, set the default targets and jobs; (CUDA home, the C++
-    compiler's extra flags)."""
+def _prepare_toolchain() -> list[str]:
+    """Point torch's extension builder at the toolkit and set the default targets and jobs; return the C++
+    compiler's extra flags."""
     from torch.utils import cpp_extension
 
     cuda_home = _find_cuda_home()
@@ -69,7 +70,7 @@ def _prepare_toolchain() -> tuple[str, list[str]]:
     os.environ.setdefault("MAX_JOBS", DEFAULT_MAX_JOBS)
     late = [flag for d in _late_include_dirs(cuda_home) for flag in ("-idirafter", d)]
     # the C++ standard is the one torch's headers need (torch adds it)
-    return cuda_home, ["-O3"] + late
+    return ["-O3"] + late
 
 
 # The .cu files include no torch headers (fast nvcc); -lineinfo: source lines for compute-sanitizer and ncu.
@@ -88,7 +89,7 @@ def cuda_extension_kwargs() -> dict:
         return {}
     from torch.utils import cpp_extension
 
-    _, cxx_flags = _prepare_toolchain()
+    cxx_flags = _prepare_toolchain()
     print(f"tgolf: building the CUDA extension tgolf._C ({why}; TORCH_CUDA_ARCH_LIST="
           f"{os.environ['TORCH_CUDA_ARCH_LIST']}, MAX_JOBS={os.environ['MAX_JOBS']})")
     extension = cpp_extension.CUDAExtension(
@@ -114,7 +115,7 @@ def load_extension(csrc: str, build_dir: str | None = None):
         raise RuntimeError(f"cannot build the CUDA extension tgolf._C: {why}")
     from torch.utils import cpp_extension
 
-    _, cxx_flags = _prepare_toolchain()
+    cxx_flags = _prepare_toolchain()
     build_dir = build_dir or os.environ.get("TGOLF_EXTENSION_DIR") or os.path.expanduser("~/.cache/tgolf/extension")
     os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load("_C", _sources(csrc), extra_include_paths=[csrc], extra_cflags=cxx_flags,
