@@ -108,10 +108,13 @@ def test_the_script_runs_its_own_sources_and_leaves_nothing_behind(tmp_path):
 
 @pytest.mark.slow
 def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards):
-    """A fresh process (no extension loaded on a CPU) packs its code; the submission's train_gpt.py, run under
-    torchrun from another folder with only the data given, trains the same settings and counts the same bytes."""
-    env = _clean_env()
-    first = subprocess.run([sys.executable, "-m", "tgolf.train", *TINY, "--data-path", str(tiny_shards),
+    """A fresh process packs its code; the submission's train_gpt.py, run under torchrun from another folder with
+    only the data given, trains the same settings, counts the same bytes and writes the same script. Triton
+    kernels (on the CPU interpreter) are in play, one of them (the fused MLP's) first imported by the roundtrip
+    evaluation: the code is counted after it."""
+    env = {**_clean_env(), "TRITON_INTERPRET": "1"}
+    parts = ["--linear", "ternary", "--mlp", "fused", "--loss", "fused"]
+    first = subprocess.run([sys.executable, "-m", "tgolf.train", *TINY, *parts, "--data-path", str(tiny_shards),
                             "--out-dir", str(tmp_path / "runs"), "--run-id", "a", "--submission-dir",
                             str(tmp_path / "sub")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -125,11 +128,13 @@ def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards
     packed = codepack.read_pack(script.read_text())["files"]
     assert packed == {codepack.packed_path(p.relative_to(code).as_posix()): strip(p.read_text())
                       for p in code.rglob("*") if p.is_file()}
+    assert {"tgolf/kernels/mlp.py", "tgolf/kernels/ternary.py", "tgolf/export/submission.py"} <= set(packed)
     again = tmp_path / "again"
     again.mkdir()
     # as the contest starts it: torchrun on the script (two ranks here, gloo), each rank unpacking its own copy
     rerun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script), "--out-dir", str(again / "runs"), "--run-id", "b"],
+                            str(script), "--out-dir", str(again / "runs"), "--run-id", "b", "--submission-dir",
+                            str(again / "sub")],
                            cwd=again, env={**env, "DATA_PATH": str(tiny_shards), "OMP_NUM_THREADS": "1"},
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
@@ -138,6 +143,7 @@ def test_a_packed_submission_reruns_to_the_same_code_bytes(tmp_path, tiny_shards
     assert repeat["code_bytes"] == summary["code_bytes"] and repeat["params"] == summary["params"]
     assert {k: v for k, v in repeat["config"].items() if k not in codepack.MACHINE_FIELDS} == \
         {k: v for k, v in summary["config"].items() if k not in codepack.MACHINE_FIELDS}
+    assert (again / "sub" / "train_gpt.py").read_bytes() == script.read_bytes()
 
 
 _REPORT_EXTENSION = """import sys, torch

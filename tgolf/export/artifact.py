@@ -10,7 +10,7 @@ stored config and loaded with the dequantized weights, so a ternary or QAT model
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,6 +47,12 @@ class ArtifactInfo:
     code_pack: str = "none"  # "lzma": code_bytes is their packed script's size (tgolf.export.codepack)
     code_bytes_raw: int = 0  # the files' bytes as they are
     code_not_packed: str = ""  # why a requested pack was not made
+
+    def with_code(self, code: CodeBytes) -> "ArtifactInfo":
+        """This artifact accounted with ``code`` (counted later in the run, once all its code has been imported)."""
+        return replace(self, code_bytes=code.total, artifact_bytes=self.model_bytes + code.total,
+                       code_files=code.files, code_pack=code.pack, code_bytes_raw=code.raw,
+                       code_not_packed=code.not_packed)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -101,10 +107,10 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
     params: dict[str, int] = {}
     for qt in qtensors.values():
         params[qt.scheme] = params.get(qt.scheme, 0) + qt.numel
-    return ArtifactInfo(path=str(path), scheme=scheme, compressor=chosen, raw_bytes=len(blob),
-                        model_bytes=model_bytes, code_bytes=code.total, artifact_bytes=model_bytes + code.total,
-                        compressed_sizes=sizes, params_by_scheme=params, code_files=code.files,
-                        code_pack=code.pack, code_bytes_raw=code.raw, code_not_packed=code.not_packed)
+    info = ArtifactInfo(path=str(path), scheme=scheme, compressor=chosen, raw_bytes=len(blob),
+                        model_bytes=model_bytes, code_bytes=0, artifact_bytes=model_bytes, compressed_sizes=sizes,
+                        params_by_scheme=params)
+    return info.with_code(code)
 
 
 def check_budget(info: ArtifactInfo | Mapping[str, Any], limit: int = ARTIFACT_LIMIT) -> None:

@@ -73,11 +73,13 @@ def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.loader import TokenLoader, load_val_tokens
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.bpb import evaluate
-    from tgolf.export import check_budget, load_artifact, write_artifact
+    from tgolf.export import CodeBytes, check_budget, count_code_bytes, load_artifact, write_artifact
     from tgolf.export.compress import check_available
     from tgolf.export.quantize import embedding_names
 
     check_available(cfg.compressor)  # fail now, not after training
+    if cfg.submission_dir:  # imported now, so that the code bytes counted before it is called include it
+        from tgolf.export.submission import write_submission
 
     wall_start = time.perf_counter()
     env = distributed.setup(cfg.device)
@@ -134,17 +136,21 @@ def run(cfg: Config) -> dict[str, Any]:
             embed_scheme = cfg.export_embed_scheme or cfg.export_scheme
             info = write_artifact(artifact_path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                   compressor=cfg.compressor, overwrite=True, hessians=hessians,
-                                  schemes={name: embed_scheme for name in embedding_names(model)})
+                                  schemes={name: embed_scheme for name in embedding_names(model)},
+                                  code=CodeBytes(total=0, files=()))  # counted below, after the roundtrip
+        distributed.barrier()  # the other ranks read the artifact once it is written
+        roundtrip_model, _ = load_artifact(artifact_path, env.device)
+        post = validate(roundtrip_model, cfg.eval_stride)
+        logger.log(f"roundtrip val_loss:{post['val_loss']:.4f} val_bpb:{post['val_bpb']:.4f} "
+                   f"(gap {post['val_bpb'] - pre['val_bpb']:+.4f}) eval_time:{1000 * post['eval_seconds']:.0f}ms")
+        if env.is_main:  # every module the run needs is imported by now (the roundtrip's kernels too): its code
+            info = info.with_code(count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()))
             packed = (f"packed script, {info.code_bytes_raw:,} B as files" if info.code_pack != "none"
                       else info.code_not_packed or "as files")
             logger.log(f"artifact {artifact_path}: model {info.model_bytes:,} B ({info.compressor}) + code "
                        f"{info.code_bytes:,} B ({packed}) = {info.artifact_bytes:,} B (limit "
                        f"{cfg.max_artifact_bytes:,})")
         info = distributed.broadcast_object(info)
-        roundtrip_model, _ = load_artifact(artifact_path, env.device)
-        post = validate(roundtrip_model, cfg.eval_stride)
-        logger.log(f"roundtrip val_loss:{post['val_loss']:.4f} val_bpb:{post['val_bpb']:.4f} "
-                   f"(gap {post['val_bpb'] - pre['val_bpb']:+.4f}) eval_time:{1000 * post['eval_seconds']:.0f}ms")
 
         summary = {
             "run_id": cfg.run_id,
@@ -172,8 +178,6 @@ def run(cfg: Config) -> dict[str, Any]:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             check_budget(info, cfg.max_artifact_bytes)  # fails loudly before any submission is written
             if cfg.submission_dir:
-                from tgolf.export.submission import write_submission  # only runs that write one count it
-
                 write_submission(cfg.submission_dir, summary, run_dir / "train.log", cfg.to_dict(),
                                  name=cfg.run_id, code_files=[f for f, _ in info.code_files])
                 logger.log(f"submission written to {cfg.submission_dir}")
