@@ -200,6 +200,12 @@ class Config:
         return cls(**values)
 
 
+def changed_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` (a Config's ``to_dict()``) that differ from Config's defaults, the baseline's."""
+    defaults = Config().to_dict()
+    return {name: value for name, value in values.items() if defaults.get(name, object()) != value}
+
+
 # Presets: only the fields that differ from the dataclass defaults (which are the official baseline).
 PRESETS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -309,5 +315,5 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
     return resolve_config(parser.parse_args(argv), environ)
 
 
-__all__ = ["Config", "PRESETS", "CONTEST_ENV_VARS", "LINEAR_KINDS", "parse_linear_kind", "add_config_arguments",
+__all__ = ["Config", "PRESETS", "changed_fields", "CONTEST_ENV_VARS", "LINEAR_KINDS", "parse_linear_kind", "add_config_arguments",
            "resolve_config", "parse_config", "env_overrides", "parse_step_range"]

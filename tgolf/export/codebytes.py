@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import tgolf
 from tgolf.config import CODE_PACKS
-from tgolf.export.codepack import packed_script, unpackable
+from tgolf.export.codepack import PackError, packed_script
 
 EXCLUDED_PACKAGES = ("tgolf.bench", "tgolf.profile")
 _CSRC_SUFFIXES = (".cu", ".cuh", ".cpp", ".cc", ".h", ".hpp")
@@ -87,8 +87,10 @@ def count_code_bytes(exclude: tuple[str, ...] = EXCLUDED_PACKAGES, pack: str = "
         shown = path.relative_to(repo_root) if path.is_relative_to(repo_root) else path
         files.append((str(shown), path.stat().st_size))
     raw = sum(size for _, size in files)
-    why = "" if pack == "none" else unpackable([f for f, _ in files])
-    if pack == "none" or why:
-        return CodeBytes(total=raw, files=tuple(files), raw=raw, not_packed=why)
-    script = packed_script(repo_root, [f for f, _ in files], config or {})
+    if pack == "none":
+        return CodeBytes(total=raw, files=tuple(files), raw=raw)
+    try:
+        script = packed_script(repo_root, [f for f, _ in files], config or {})
+    except PackError as err:
+        return CodeBytes(total=raw, files=tuple(files), raw=raw, not_packed=str(err))
     return CodeBytes(total=len(script.encode("utf-8")), files=tuple(files), raw=raw, pack=pack)

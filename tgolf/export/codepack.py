@@ -32,6 +32,7 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
+from tgolf.config import changed_fields
 from tgolf.export.codestrip import strip
 
 # Settings that name this machine's files or this run rather than what was trained: not carried by the script.
@@ -79,15 +80,8 @@ def packed_path(repo_path: str) -> str:
 def run_env(config: Mapping[str, Any]) -> dict[str, str]:
     """The run's settings that differ from Config's defaults, as tgolf's environment variables (not the machine's
     paths and names: MACHINE_FIELDS)."""
-    from tgolf.config import Config
-
-    defaults = Config().to_dict()
-    env = {}
-    for name, value in sorted(config.items()):
-        if name in MACHINE_FIELDS or defaults.get(name, object()) == value:
-            continue
-        env[name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
-    return env
+    return {name.upper(): ("1" if value else "0") if isinstance(value, bool) else str(value)
+            for name, value in sorted(changed_fields(config).items()) if name not in MACHINE_FIELDS}
 
 
 def pack_script(files: Mapping[str, str], env: Mapping[str, str]) -> str:

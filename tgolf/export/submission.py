@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 import tgolf
-from tgolf.config import Config
+from tgolf.config import changed_fields
 from tgolf.export.artifact import ARTIFACT_LIMIT, check_budget
 from tgolf.export.codepack import packed_script
 
@@ -87,9 +87,7 @@ def _fmt(value: Any, precise: bool = False) -> str:
 
 
 def render_readme(record: Mapping[str, Any], config: Mapping[str, Any], code_files: Sequence[str]) -> str:
-    defaults = Config().to_dict()
-    changed = {k: v for k, v in config.items() if defaults.get(k, object()) != v}
-    env = " ".join(f"{k.upper()}={v}" for k, v in changed.items()) or "(baseline defaults)"
+    env = " ".join(f"{k.upper()}={v}" for k, v in changed_fields(config).items()) or "(baseline defaults)"
     scores = [("val_bpb (artifact roundtrip, scored)", record["val_bpb"]),
               ("val_loss (artifact roundtrip)", record["val_loss"]),
               ("val_bpb before export", record["pre_export_val_bpb"]),
