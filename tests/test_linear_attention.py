@@ -442,14 +442,17 @@ def test_hybrid_counts_each_token_once(decay, feature_map):
     assert rel(attn(x), expected) < 1e-5
 
 
-@pytest.mark.parametrize("hybrid, decay, feature_map", [(False, "head", "identity"), (False, "token", "elu1"),
-                                                         (True, "token", "identity"), (True, "head", "relu")])
-def test_streaming_equals_one_long_pass(hybrid, decay, feature_map):
+@pytest.mark.parametrize("hybrid, decay, feature_map, rope_dims", [
+    (False, "head", "identity", 0), (False, "token", "elu1", 4),
+    (True, "token", "identity", 0), (True, "head", "relu", 4)])
+def test_streaming_equals_one_long_pass(hybrid, decay, feature_map, rope_dims):
+    # rope_dims = 4: partial RoPE (4 of 8 dims) must also rotate at absolute positions while streaming
     from tgolf.eval.stateful import streaming
     from tgolf.nn.linear_attention import HybridAttention, LinearAttention
 
     cls = HybridAttention if hybrid else LinearAttention
-    attn = cls(32, num_heads=4, num_kv_heads=2, window=6, decay=decay, feature_map=feature_map, chunk_size=16)
+    attn = cls(32, num_heads=4, num_kv_heads=2, window=6, decay=decay, feature_map=feature_map, chunk_size=16,
+               rope_dims=rope_dims)
     torch.nn.init.normal_(attn.proj.weight, std=0.2)
     x = torch.randn(2, 25, 32)
     with torch.no_grad():

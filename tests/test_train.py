@@ -164,20 +164,30 @@ def test_non_finite_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_sha
         trainer.run()
 
 
-def test_resume_continues_exactly(tmp_path, tiny_shards):
-    # no warmdown: a run cut at 5 of 8 iterations must follow the same schedule as the straight one
-    straight = _trainer(tmp_path / "a", tiny_shards, iterations=8, warmdown_iters=0)
+@pytest.mark.parametrize("extra", [{}, dict(ema_decay=0.8, muon_weight_decay=0.05, adam_weight_decay=0.05)],
+                         ids=["baseline", "ema-and-weight-decay"])
+def test_resume_continues_exactly(tmp_path, tiny_shards, extra):
+    # no warmdown: a run cut at 5 of 8 iterations must follow the same schedule as the straight one (with an
+    # EMA: the averages the two runs end with, which replace the weights, must agree too)
+    straight = _trainer(tmp_path / "a", tiny_shards, iterations=8, warmdown_iters=0, **extra)
     straight.run()
 
-    first = _trainer(tmp_path / "b", tiny_shards, iterations=5, warmdown_iters=0)
+    first = _trainer(tmp_path / "b", tiny_shards, iterations=5, warmdown_iters=0, **extra)
     first.run()
     folder = first._save_checkpoint()
-    second = _trainer(tmp_path / "c", tiny_shards, iterations=8, warmdown_iters=0)
+    second = _trainer(tmp_path / "c", tiny_shards, iterations=8, warmdown_iters=0, **extra)
     second.resume(str(folder))
     assert second.step == 5
     second.run()
     for a, b in zip(_params(straight), _params(second)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if extra:
+        trained = _params(second)
+        straight.load_average()
+        second.load_average()
+        for a, b, last in zip(_params(straight), _params(second), trained):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert any(not torch.equal(a, last) for a, last in zip(_params(second), trained))
 
 
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, tiny_shards):
@@ -228,27 +238,30 @@ def test_warmup_restores_model_optimizer_and_data(tmp_path, tiny_shards):
 
 # --- compilation --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("has_cap, env, setting, expected", [
-    (False, None, "auto", {"triton.mix_order_reduction": False}),  # torch 2.11: the fusion spills (pytorch#179423)
-    (True, None, "auto", {}),  # a torch with the fix keeps its default
-    (False, "1", "auto", {}),  # the user's TORCHINDUCTOR_MIX_ORDER_REDUCTION wins over auto
-    (False, None, "on", {"triton.mix_order_reduction": True}),
-    (True, None, "off", {"triton.mix_order_reduction": False}),
+@pytest.mark.parametrize("has_cap, env_set, setting, expected", [
+    (False, False, "auto", {"triton.mix_order_reduction": False}),  # torch 2.11: the fusion spills (pytorch#179423)
+    (True, False, "auto", {}),  # a torch with the fix keeps its default
+    (False, True, "auto", {}),  # the user's TORCHINDUCTOR_MIX_ORDER_REDUCTION wins over auto
+    (False, False, "on", {"triton.mix_order_reduction": True}),
+    (True, False, "off", {"triton.mix_order_reduction": False}),
 ])
-def test_mix_order_reduction_setting(monkeypatch, has_cap, env, setting, expected):
+def test_mix_order_reduction_setting(has_cap, env_set, setting, expected):
+    from tgolf.train.loop import mix_order_options
+    assert mix_order_options(setting, has_fusion=True, has_cap=has_cap, env_set=env_set) == expected
+    assert mix_order_options(setting, has_fusion=False, has_cap=has_cap, env_set=env_set) == {}
+
+
+def test_mix_order_reduction_setting_reads_this_torch(monkeypatch):
     import torch._inductor.config as inductor_config
 
     from tgolf.train.loop import inductor_options
-    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True, raising=False)
-    if has_cap:
-        monkeypatch.setattr(inductor_config.triton, "mix_order_reduction_max_reads", 8, raising=False)
-    else:
-        monkeypatch.delattr(inductor_config.triton, "mix_order_reduction_max_reads", raising=False)
-    if env is None:
-        monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
-    else:
-        monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", env)
-    assert inductor_options(Config(mix_order_reduction=setting)) == expected
+    monkeypatch.delenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", raising=False)
+    has_fusion = hasattr(inductor_config.triton, "mix_order_reduction")
+    has_cap = hasattr(inductor_config.triton, "mix_order_reduction_max_reads")
+    expected = {"triton.mix_order_reduction": False} if has_fusion and not has_cap else {}
+    assert inductor_options(Config(mix_order_reduction="auto")) == expected
+    monkeypatch.setenv("TORCHINDUCTOR_MIX_ORDER_REDUCTION", "1")
+    assert inductor_options(Config(mix_order_reduction="auto")) == {}
 
 
 def test_compiled_model_with_the_fusion_off_matches_eager():

@@ -88,6 +88,13 @@ class Config:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
+    rope_dims: int = 0  # head dimensions RoPE rotates (the first ones; even); 0 = all of them
+    ln_scale: bool = False  # scale block i's normed inputs by 1/sqrt(i + 1)
+    xsa_last_n: int = 0  # exclusive self attention on the last N layers (softmax attention only)
+    smear_gate: bool = False  # blend each token's embedding with the previous token's, by a learned gate
+    bigram_vocab_size: int = 0  # >0: hashed (previous, current) token-pair embedding table with this many rows
+    bigram_dim: int = 128  # width of that table, projected to model_dim
+    ortho_init: bool = False  # orthogonal initial q, k, v and MLP up-projection matrices
 
     # --- pluggable parts (tgolf.nn chooses the module by these names) -------------------------
     linear: str = "bf16"  # attention, MLP matrices: bf16|qat4..qat8|fp8|ternary; -g<N> (qat, ternary), fp8-row
@@ -115,6 +122,9 @@ class Config:
     beta2: float = 0.95
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0
+    muon_weight_decay: float = 0.0  # decoupled: Muon's matrices shrink by lr * this per step
+    adam_weight_decay: float = 0.0  # decoupled (AdamW) on the embeddings and scalars, not an untied head
+    ema_decay: float = 0.0  # >0: evaluate and export an exponential moving average of the weights (e.g. 0.997)
 
     # --- checkpoints ------------------------------------------------------------------------
     checkpoint_every: float = 0.0  # minutes; 0 = only on SIGTERM
@@ -140,6 +150,10 @@ class Config:
         """The attention kind of each layer: ``attention_layers`` cycled over the layers, else ``attention``."""
         pattern = [k.strip() for k in self.attention_layers.split(",") if k.strip()] or [self.attention]
         return [pattern[i % len(pattern)] for i in range(self.num_layers)]
+
+    def xsa_layers(self) -> range:
+        """Indices of the layers with exclusive self attention: the last ``xsa_last_n``."""
+        return range(self.num_layers - self.xsa_last_n, self.num_layers)
 
     def validate(self) -> "Config":
         """Raise ValueError naming the field for any inconsistent value; return self."""
@@ -174,6 +188,22 @@ class Config:
             raise ValueError(f"config field num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"config: head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim:
+            raise ValueError(f"config field rope_dims={self.rope_dims}: must be even and in 0..head_dim="
+                             f"{self.head_dim} (0 = all)")
+        if not 0 <= self.xsa_last_n <= self.num_layers:
+            raise ValueError(f"config field xsa_last_n={self.xsa_last_n}: must be in 0..num_layers={self.num_layers}")
+        for index in self.xsa_layers():
+            if self.layer_attention_kinds()[index] != "softmax":
+                raise ValueError(f"config field xsa_last_n={self.xsa_last_n} covers layer {index}, whose attention "
+                                 f"is {self.layer_attention_kinds()[index]!r}: XSA applies to softmax attention only")
+        if self.bigram_vocab_size < 0 or self.bigram_vocab_size == 1 or self.bigram_dim <= 0:
+            raise ValueError(f"config fields bigram_vocab_size={self.bigram_vocab_size}, bigram_dim={self.bigram_dim}:"
+                             " need bigram_vocab_size = 0 (off) or >= 2, and bigram_dim > 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"config field ema_decay={self.ema_decay}: must be in [0, 1) (0 = off)")
+        if self.muon_weight_decay < 0 or self.adam_weight_decay < 0:
+            raise ValueError("config fields muon_weight_decay and adam_weight_decay must be >= 0")
         if self.train_batch_tokens % self.train_seq_len:
             raise ValueError(f"config field train_batch_tokens={self.train_batch_tokens} is not a multiple of "
                              f"train_seq_len={self.train_seq_len}")
@@ -215,6 +245,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         grad_accum_steps=1, iterations=2000, max_wallclock_seconds=150.0, warmup_steps=0, warmdown_iters=200,
         val_loss_every=0, train_log_every=25, val_tokens_limit=131072,
         matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03,
+    ),
+    # The 11-layer stack of the 1.1248 record (openai/parameter-golf PR #315, 2026-03-21: 26.8M parameters,
+    # 15.6 MB, ~7,050 steps at 85 ms on 8×H100): XSA on the last 4 layers, partial RoPE (16 of 64 dims), LN
+    # scale, EMA 0.997, weight decay 0.04, SmearGate, a 2048 × 128 bigram hash table, orthogonal init, MLP 3×,
+    # seq 2048, int6 matrices with an int8 embedding, sliding-window evaluation at stride 64. Its late QAT never
+    # ran (the record's README says so), so it is left out; GPTQ (--gptq-tokens) and LeakyReLU² came after it
+    # and are one flag each.
+    "record": dict(
+        num_layers=11, mlp_mult=3, train_seq_len=2048, train_batch_tokens=786_432, warmdown_iters=3000,
+        rope_dims=16, ln_scale=True, xsa_last_n=4, smear_gate=True, bigram_vocab_size=2048, bigram_dim=128,
+        ortho_init=True,
+        matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035,
+        muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
+        muon_weight_decay=0.04, adam_weight_decay=0.04, grad_clip_norm=0.3, ema_decay=0.997,
+        export_scheme="int6", export_embed_scheme="int8", eval_stride=64,
     ),
 }
 

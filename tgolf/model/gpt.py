@@ -2,7 +2,9 @@
 
 9 × 512 at the baseline preset: GQA attention, relu² MLP, tied embeddings, U-Net skips from the first half
 of the blocks to the second, per-block mix with the embedding x0, tanh logit softcap (17,059,912 parameters).
-The model reads only the model fields of the run's Config (num_layers ... loss), so one dataclass describes both.
+The records' additions are fields that default to off: partial RoPE, LN scale, XSA, SmearGate, bigram hash
+table, orthogonal init (the ``record`` preset turns them on). The model reads only the model fields of the run's
+Config (num_layers ... loss), so one dataclass describes both.
 """
 from __future__ import annotations
 
@@ -12,30 +14,38 @@ import torch.nn.functional as F
 
 from tgolf.config import Config
 from tgolf.nn import get_loss, make_attention, make_mlp
+from tgolf.nn.embeddings import BigramHashEmbedding, SmearGate
 from tgolf.nvtx import nvtx_range
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: Config, attention: str):
+    def __init__(self, cfg: Config, index: int):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = make_attention(attention, dim, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                                   rope_base=cfg.rope_base, qk_gain_init=cfg.qk_gain_init, linear=cfg.linear,
-                                   window=cfg.attention_window, feature_map=cfg.linear_feature_map,
-                                   decay=cfg.linear_decay)
+        self.attn = make_attention(cfg.layer_attention_kinds()[index], dim, num_heads=cfg.num_heads,
+                                   num_kv_heads=cfg.num_kv_heads, rope_base=cfg.rope_base,
+                                   qk_gain_init=cfg.qk_gain_init, linear=cfg.linear, window=cfg.attention_window,
+                                   feature_map=cfg.linear_feature_map, decay=cfg.linear_decay,
+                                   rope_dims=cfg.rope_dims, xsa=index in cfg.xsa_layers())
         self.mlp = make_mlp(cfg.mlp, dim, cfg.mlp_mult * dim, activation=cfg.mlp_activation,
                             negative_slope=cfg.negative_slope, linear=cfg.linear)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        # LN scale (the 1.1248 record): deeper blocks read their input at 1/sqrt(index + 1), a constant
+        self.norm_scale = (index + 1) ** -0.5 if cfg.ln_scale else 1.0
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x, (x.shape[-1],))
+        return normed * self.norm_scale if self.norm_scale != 1.0 else normed
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         with nvtx_range("attention"):
-            x = x + self.attn_scale.to(x.dtype) * self.attn(F.rms_norm(x, (x.shape[-1],)))
+            x = x + self.attn_scale.to(x.dtype) * self.attn(self._norm(x))
         with nvtx_range("mlp"):
-            x = x + self.mlp_scale.to(x.dtype) * self.mlp(F.rms_norm(x, (x.shape[-1],)))
+            x = x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
         return x
 
 
@@ -44,11 +54,14 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram = (BigramHashEmbedding(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim)
+                       if cfg.bigram_vocab_size else None)
+        self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
-        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_attention_kinds())
+        self.blocks = nn.ModuleList(Block(cfg, index) for index in range(cfg.num_layers))
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         self.loss_fn = get_loss(cfg.loss)
         self.reset_parameters()
@@ -59,6 +72,10 @@ class GPT(nn.Module):
         for module in self.modules():
             if getattr(module, "zero_init", False):
                 nn.init.zeros_(module.weight)
+        if self.config.ortho_init:  # the records' init of the input-side matrices (the outputs start at zero)
+            for block in self.blocks:
+                for layer in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                    nn.init.orthogonal_(layer.weight)
         if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
 
@@ -68,7 +85,12 @@ class GPT(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Final normed hidden states [B, T, dim] (before the lm head)."""
-        x = F.rms_norm(self.tok_emb(input_ids), (self.config.model_dim,))
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids).to(x.dtype)
+        x = F.rms_norm(x, (self.config.model_dim,))
+        if self.smear is not None:
+            x = self.smear(x)
         x0, skips = x, []
         for block in self.blocks[: self.num_encoder_layers]:
             x = block(x, x0)

@@ -69,14 +69,17 @@ def make_mlp(kind: str, dim: int, hidden: int, *, activation: str, negative_slop
 
 def make_attention(kind: str, dim: int, *, num_heads: int, num_kv_heads: int, rope_base: float,
                    qk_gain_init: float, linear: str, window: int, feature_map: str = "identity",
-                   decay: str = "head") -> nn.Module:
-    """``feature_map`` and ``decay`` configure the linear part of the `linear` and `hybrid` kinds."""
+                   decay: str = "head", rope_dims: int = 0, xsa: bool = False) -> nn.Module:
+    """``feature_map`` and ``decay`` configure the linear part of the `linear` and `hybrid` kinds; ``xsa``
+    (exclusive self attention) is for `softmax` only."""
     if kind not in _ATTENTIONS:
         raise ValueError(f"attention kind {kind!r}: expected one of {sorted(_ATTENTIONS)}")
+    if xsa and kind != "softmax":
+        raise ValueError(f"attention kind {kind!r}: xsa applies to softmax attention only")
     cls = _load(_MODULES[_ATTENTIONS[kind]])
-    extra = {} if kind == "softmax" else {"feature_map": feature_map, "decay": decay}
+    extra = {"xsa": xsa} if kind == "softmax" else {"feature_map": feature_map, "decay": decay}
     return cls(dim, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_base=rope_base,
-               qk_gain_init=qk_gain_init, linear=linear, window=window, **extra)
+               qk_gain_init=qk_gain_init, linear=linear, window=window, rope_dims=rope_dims, **extra)
 
 
 def get_loss(kind: str) -> Callable:

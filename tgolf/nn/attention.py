@@ -1,4 +1,5 @@
-"""The baseline's softmax attention block: GQA, RMS-normed q and k, RoPE, per-head q gain, SDPA.
+"""The baseline's softmax attention block: GQA, RMS-normed q and k, RoPE, per-head q gain, SDPA; optionally
+partial RoPE (``rope_dims``) and exclusive self attention (``xsa``).
 
 Every attention module in tgolf.nn takes the same constructor arguments and maps [B, T, dim] → [B, T, dim],
 so ``Config.attention`` swaps them.
@@ -15,7 +16,8 @@ from tgolf.nn.rotary import Rotary, apply_rotary
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, *, num_heads: int, num_kv_heads: int, rope_base: float = 10000.0,
-                 qk_gain_init: float = 1.5, linear: str = "bf16", window: int = 0):
+                 qk_gain_init: float = 1.5, linear: str = "bf16", window: int = 0, rope_dims: int = 0,
+                 xsa: bool = False):
         super().__init__()
         if dim % num_heads or num_heads % num_kv_heads:
             raise ValueError(f"attention: dim={dim}, num_heads={num_heads}, num_kv_heads={num_kv_heads} do not divide")
@@ -28,7 +30,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = make_linear(linear, dim, dim)
         self.proj.zero_init = True  # residual branches start at zero (baseline)
         self.q_gain = nn.Parameter(torch.full((num_heads,), float(qk_gain_init)))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.rotary = Rotary(self.head_dim, rope_base, rope_dims)
+        self.xsa = xsa
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, T, D], k and v [B, Hkv, T, D]: normed, rotated and gained as the baseline does."""
@@ -48,4 +51,17 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.project_qkv(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclude_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(bsz, seq_len, dim))
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Exclusive self attention (XSA; the 1.1271 and 1.1248 records of openai/parameter-golf use it on their
+    last 4 layers): each head's output y_t [B, H, T, D] loses its component along the token's own value v_t
+    [B, Hkv, T, D] (shared by the H / Hkv query heads of its group), so attention carries only what other tokens
+    add; the token itself reaches the next layer through the residual stream."""
+    bsz, heads, seq_len, head_dim = y.shape
+    groups = y.view(bsz, v.shape[1], heads // v.shape[1], seq_len, head_dim)
+    unit = F.normalize(v, dim=-1).unsqueeze(2)
+    return (groups - (groups * unit).sum(-1, keepdim=True) * unit).view_as(y)

@@ -88,9 +88,10 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 class LinearAttention(CausalSelfAttention):
     def __init__(self, dim: int, *, num_heads: int, num_kv_heads: int, rope_base: float = 10000.0,
                  qk_gain_init: float = 1.5, linear: str = "bf16", window: int = 0,
-                 feature_map: str = "identity", decay: str = "head", eps: float = 1e-6, chunk_size: int = 64):
+                 feature_map: str = "identity", decay: str = "head", eps: float = 1e-6, chunk_size: int = 64,
+                 rope_dims: int = 0):
         super().__init__(dim, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_base=rope_base,
-                         qk_gain_init=qk_gain_init, linear=linear, window=window)
+                         qk_gain_init=qk_gain_init, linear=linear, window=window, rope_dims=rope_dims)
         if decay not in DECAYS:
             raise ValueError(f"LinearAttention: decay {decay!r}: expected one of {DECAYS}")
         self.feature_map = make_feature_map(feature_map, self.head_dim)
@@ -160,12 +161,13 @@ class LinearAttention(CausalSelfAttention):
 class HybridAttention(LinearAttention):
     def __init__(self, dim: int, *, num_heads: int, num_kv_heads: int, rope_base: float = 10000.0,
                  qk_gain_init: float = 1.5, linear: str = "bf16", window: int = 256,
-                 feature_map: str = "identity", decay: str = "head", eps: float = 1e-6, chunk_size: int = 64):
+                 feature_map: str = "identity", decay: str = "head", eps: float = 1e-6, chunk_size: int = 64,
+                 rope_dims: int = 0):
         if window < 1:
             raise ValueError(f"HybridAttention: window={window} must be ≥ 1 (the softmax span)")
         super().__init__(dim, num_heads=num_heads, num_kv_heads=num_kv_heads, rope_base=rope_base,
                          qk_gain_init=qk_gain_init, linear=linear, window=window, feature_map=feature_map,
-                         decay=decay, eps=eps, chunk_size=chunk_size)
+                         decay=decay, eps=eps, chunk_size=chunk_size, rope_dims=rope_dims)
         self.window = window
         self.linear_gain = nn.Parameter(torch.full((num_heads,), 0.1))
 

@@ -1,6 +1,7 @@
 """Checkpoints: a folder per save, written atomically, loadable with ``torch.load(weights_only=True)``.
 
-Layout: ``<run>/checkpoints/step_<N>/model.pt`` (rank 0: model weights, step, time, config) and
+Layout: ``<run>/checkpoints/step_<N>/model.pt`` (rank 0: model weights, their moving average if the run keeps
+one, step, time, config) and
 ``rank_<r>.pt`` (each rank: its optimizer state — Muon's momentum buffers are sharded across ranks —,
 its data-loader position and RNG state). ``<run>/checkpoints/latest`` names the newest complete one.
 """
@@ -27,6 +28,7 @@ class Checkpoint:
     optimizers: list[dict]
     loader: dict[str, Any]
     rng: dict[str, Any]
+    ema: dict[str, torch.Tensor] | None = None
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -36,7 +38,8 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def save(root: Path, *, rank: int, world_size: int, step: int, train_seconds: float, config: dict,
-         model_state: dict, optimizer_states: list[dict], loader_state: dict, barrier) -> Path:
+         model_state: dict, optimizer_states: list[dict], loader_state: dict, barrier,
+         ema_state: dict | None = None) -> Path:
     """Every rank calls this; ``barrier()`` separates the writes from publishing ``latest``."""
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -47,7 +50,7 @@ def save(root: Path, *, rank: int, world_size: int, step: int, train_seconds: fl
                  folder / f"rank_{rank}.pt")
     if rank == 0:
         _atomic_save({"format": FORMAT, "model": model_state, "step": step, "train_seconds": train_seconds,
-                      "config": config, "world_size": world_size}, folder / "model.pt")
+                      "config": config, "world_size": world_size, "ema": ema_state}, folder / "model.pt")
     barrier()
     if rank == 0:
         latest = root / "latest"
@@ -88,7 +91,7 @@ def load(path: str | Path, rank: int, world_size: int, map_location: torch.devic
                          f"{world_size}; resume with the same number of processes")
     return Checkpoint(model=main["model"], step=main["step"], train_seconds=main["train_seconds"],
                       config=main["config"], world_size=world_size, optimizers=mine["optimizers"],
-                      loader=mine["loader"], rng=mine["rng"])
+                      loader=mine["loader"], rng=mine["rng"], ema=main.get("ema"))
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

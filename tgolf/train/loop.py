@@ -21,6 +21,7 @@ from tgolf.config import Config, parse_step_range
 from tgolf.nvtx import nvtx_range
 from tgolf.train import checkpoint, distributed
 from tgolf.train.distributed import DistEnv
+from tgolf.train.ema import WeightEMA
 from tgolf.train.logging import RunLogger
 from tgolf.train.optim import apply_schedule, build_optimizers, muon_momentum
 from tgolf.train.schedule import lr_scale
@@ -78,14 +79,19 @@ def inductor_options(cfg: Config) -> dict[str, bool]:
     """
     import torch._inductor.config as inductor_config
 
-    if not hasattr(inductor_config.triton, "mix_order_reduction"):  # a torch before the fusion existed
+    return mix_order_options(cfg.mix_order_reduction,
+                             has_fusion=hasattr(inductor_config.triton, "mix_order_reduction"),
+                             has_cap=hasattr(inductor_config.triton, "mix_order_reduction_max_reads"),
+                             env_set="TORCHINDUCTOR_MIX_ORDER_REDUCTION" in os.environ)
+
+
+def mix_order_options(setting: str, *, has_fusion: bool, has_cap: bool, env_set: bool) -> dict[str, bool]:
+    """The decision of ``inductor_options``, from what this torch has and what the environment says."""
+    if not has_fusion:  # a torch before the fusion existed
         return {}
-    if cfg.mix_order_reduction == "auto":
-        if ("TORCHINDUCTOR_MIX_ORDER_REDUCTION" in os.environ
-                or hasattr(inductor_config.triton, "mix_order_reduction_max_reads")):
-            return {}
-        return {"triton.mix_order_reduction": False}
-    return {"triton.mix_order_reduction": cfg.mix_order_reduction == "on"}
+    if setting == "auto":
+        return {} if env_set or has_cap else {"triton.mix_order_reduction": False}
+    return {"triton.mix_order_reduction": setting == "on"}
 
 
 def compile_model(cfg: Config, model: nn.Module, device: torch.device) -> nn.Module:
@@ -143,6 +149,8 @@ class Trainer:
         self.validate, self.run_dir = validate, run_dir
         self.raw_model = model
         self.optimizers = build_optimizers(cfg, model)
+        # the average starts from the initial weights, which the warm-up restores; only run() updates it
+        self.ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.accum = grad_accum_steps(cfg, env.world_size)
         micro_tokens = cfg.train_batch_tokens // (env.world_size * self.accum)
         if micro_tokens < cfg.train_seq_len or micro_tokens % cfg.train_seq_len:
@@ -206,7 +214,8 @@ class Trainer:
         return checkpoint.save(self.run_dir / "checkpoints", rank=self.env.rank, world_size=self.env.world_size,
                                step=self.step, train_seconds=self.train_seconds, config=self.cfg.to_dict(),
                                model_state=model_state, optimizer_states=[o.state_dict() for o in self.optimizers],
-                               loader_state=self.loader.state_dict(), barrier=distributed.barrier)
+                               loader_state=self.loader.state_dict(), barrier=distributed.barrier,
+                               ema_state=self.ema.state_dict() if self.ema is not None else None)
 
     def resume(self, path: str) -> None:
         ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
@@ -218,6 +227,8 @@ class Trainer:
         if differing:
             raise ValueError(f"--resume {path}: config differs from the checkpoint's in {differing}")
         self.raw_model.load_state_dict(ckpt.model)
+        if self.ema is not None:  # the config check above guarantees the checkpoint kept one
+            self.ema.load_state_dict(ckpt.ema)
         for opt, state in zip(self.optimizers, ckpt.optimizers):
             opt.load_state_dict(state)
         self.loader.load_state_dict(ckpt.loader)
@@ -257,6 +268,14 @@ class Trainer:
             return
         self.logger.log(f"profiled steps {first}..{first + len(self.window.step_ms) - 1} → {trace}; report: "
                         f"python -m tgolf.profile --from-trace {trace} --out {trace.parent}")
+
+    def load_average(self) -> None:
+        """With ``ema_decay``: put the weights' moving average into the model, for evaluation and export (the
+        last step's weights are gone then: call it once training is over)."""
+        if self.ema is not None:
+            self.ema.copy_to_model()
+            self.logger.log(f"weights: the moving average (ema_decay {self.cfg.ema_decay}) replaces the last step's "
+                            "for evaluation and export")
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -300,6 +319,8 @@ class Trainer:
                 with self.window.around(self.step) if self.window else contextlib.nullcontext():
                     loss = self.train_step(self._micro_batches())
                     self._optimizer_step(scale)
+                    if self.ema is not None:
+                        self.ema.update()
                 if pending is not None:
                     self._check_finite(pending[0], pending[1].item())
                 pending = (self.step + 1, loss)

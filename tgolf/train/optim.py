@@ -1,4 +1,4 @@
-"""Muon for the 2-D matrices of the blocks, Adam for embeddings, head and scalars (as the baseline).
+"""Muon for the 2-D matrices of the blocks, Adam(W) for embeddings, head and scalars (as the baseline).
 
 Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers"): SGD momentum whose update is
 orthogonalised by a quintic Newton–Schulz iteration. Under DDP each rank orthogonalises a disjoint
@@ -37,8 +37,10 @@ class Muon(torch.optim.Optimizer):
     weights take it with one foreach add. Under DDP each rank orthogonalises a contiguous share of every shape's
     batch; one all-reduce of the buffer gives every rank every update."""
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                                      weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,6 +67,8 @@ class Muon(torch.optim.Optimizer):
             if distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
             updates = flat.to(ordered[0].dtype).split([p.numel() for p in ordered])
+            if group["weight_decay"]:  # decoupled, as AdamW: shrink by lr·wd, then take the update
+                torch._foreach_mul_(ordered, 1.0 - group["lr"] * group["weight_decay"])
             torch._foreach_add_(ordered, [u.view_as(p) for u, p in zip(updates, ordered)], alpha=-group["lr"])
 
     def _orthogonalised(self, group: dict, params: list[torch.Tensor]) -> torch.Tensor:
@@ -81,14 +85,16 @@ class Muon(torch.optim.Optimizer):
 
 
 def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Group parameters as the baseline: block matrices (Muon), embedding, untied head, scalars/vectors (Adam)."""
+    """Group parameters as the baseline: block matrices (Muon), embedding, untied head, scalars/vectors (Adam).
+    A bigram hash table counts as an embedding and its projection as a matrix, as in the records."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
-        if name.startswith("tok_emb."):
+        if name.startswith(("tok_emb.", "bigram.table.")):
             groups["embed"].append(p)
         elif name.startswith("lm_head."):
             groups["head"].append(p)
-        elif p.ndim == 2 and name.startswith("blocks.") and name.endswith(".weight"):  # not resid_mix etc.
+        elif p.ndim == 2 and (name.startswith("blocks.") and name.endswith(".weight")  # not resid_mix etc.
+                              or name == "bigram.proj.weight"):
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
@@ -96,17 +102,20 @@ def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def build_optimizers(cfg, model: nn.Module) -> list[torch.optim.Optimizer]:
-    """Adam (embedding, head, scalars) + Muon (matrices). Each param group remembers its ``base_lr``."""
+    """AdamW (embedding, head, scalars) + Muon (matrices). Each param group remembers its ``base_lr``. Weight decay
+    (decoupled; 0 by default, as the baseline) skips an untied head, as the records do."""
     groups = split_parameters(model)
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     adam_groups = [
-        {"params": groups["embed"], "lr": cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr},
-        {"params": groups["head"], "lr": cfg.head_lr},
-        {"params": groups["scalar"], "lr": cfg.scalar_lr},
+        {"params": groups["embed"], "lr": cfg.tied_embed_lr if cfg.tie_embeddings else cfg.embed_lr,
+         "weight_decay": cfg.adam_weight_decay},
+        {"params": groups["head"], "lr": cfg.head_lr, "weight_decay": 0.0},
+        {"params": groups["scalar"], "lr": cfg.scalar_lr, "weight_decay": cfg.adam_weight_decay},
     ]
-    adam = torch.optim.Adam([g for g in adam_groups if g["params"]], betas=(cfg.beta1, cfg.beta2),
-                            eps=cfg.adam_eps, **fused)
-    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps)
+    adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.adam_eps, **fused)
+    muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
+                weight_decay=cfg.muon_weight_decay)
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:

@@ -114,6 +114,7 @@ def run(cfg: Config) -> dict[str, Any]:
         else:
             trainer.warmup()
         result = trainer.run()
+        trainer.load_average()
         distributed.check_replicas_agree(model, env.device)
         if env.enabled:
             logger.log(f"all {env.world_size} ranks agree on the trained parameters")
