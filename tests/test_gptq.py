@@ -131,6 +131,24 @@ def test_quantize_model_gives_named_matrices_their_own_bits():
         quantize_model(model, "int5", schemes={"0.weight": "int9"})
 
 
+def test_part_schemes_give_the_mlp_and_the_embedding_their_own_bits():
+    from tgolf.config import Config
+    from tgolf.export.quantize import part_schemes
+    from tgolf.model import build_model
+
+    model = build_model(Config(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=97,
+                               tie_embeddings=False, bigram_vocab_size=16, bigram_dim=4))
+    schemes = part_schemes(model, embed_scheme="int8", mlp_scheme="int5")
+    assert {name for name, scheme in schemes.items() if scheme == "int5"} == {
+        f"blocks.{i}.mlp.{part}.weight" for i in range(2) for part in ("fc", "proj")}
+    assert {name for name, scheme in schemes.items() if scheme == "int8"} == {
+        "tok_emb.weight", "bigram.table.weight", "lm_head.weight"}
+    assert part_schemes(model) == {}
+    out = quantize_model(model, "int6", small_numel=0, schemes=schemes)
+    assert (out["blocks.0.mlp.fc.weight"].scheme, out["blocks.0.attn.c_q.weight"].scheme,
+            out["tok_emb.weight"].scheme) == ("int5", "int6", "int8")
+
+
 def test_run_with_gptq_calibrates_the_dense_matrices(tmp_path, tiny_shards, monkeypatch):
     """With the fused MLP, whose op reads the linears' weights without calling them (its reference backend here,
     for speed: the interpreter's kernels are tested in test_mlp.py)."""

@@ -1,6 +1,7 @@
 """The baseline GPT: parameter count, causality, loss reductions, and compile-friendliness."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tgolf.config import Config
@@ -22,8 +23,14 @@ def test_baseline_parameter_count_is_the_official_one():
     assert count_parameters(build_model(Config())) == 17_059_912
 
 
-def test_causal_outputs_do_not_see_the_future():
-    model = _tiny_model()
+# the records' additions (tests/test_record_stack.py): the smear gate and the bigram table read the previous token
+RECORD_ADDITIONS = dict(rope_dims=4, ln_scale=True, xsa_last_n=2, smear_gate=True, bigram_vocab_size=13, bigram_dim=4,
+                        ortho_init=True)
+
+
+@pytest.mark.parametrize("extra", [{}, RECORD_ADDITIONS], ids=["baseline", "record-additions"])
+def test_causal_outputs_do_not_see_the_future(extra):
+    model = _tiny_model(**extra)
     ids = torch.randint(0, 97, (2, 12))
     changed = ids.clone()
     changed[:, 8:] = torch.randint(0, 97, (2, 4))
@@ -72,9 +79,10 @@ def test_compiles_fullgraph():
 
 def test_inductor_compiles_every_tgolf_part_and_matches_eager():
     # What training on a GPU runs: the default inductor backend, fullgraph, over tgolf's own ops (ternary linear,
-    # fused MLP and loss, softmax/linear/hybrid attention). Loss and every gradient must match eager mode.
-    model = _tiny_model(linear="ternary", mlp="fused", loss="fused", attention_layers="softmax,linear,hybrid",
-                        attention_window=4)
+    # fused MLP and loss, softmax/linear/hybrid attention) and the records' additions. Loss and every gradient
+    # must match eager mode.
+    model = _tiny_model(linear="ternary", mlp="fused", loss="fused", attention_layers="linear,hybrid,softmax",
+                        attention_window=4, **{**RECORD_ADDITIONS, "xsa_last_n": 1})
     ids, targets = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
     expected = model(ids, targets)
     expected.backward()

@@ -134,6 +134,7 @@ class Config:
     # --- export and evaluation --------------------------------------------------------------
     export_scheme: str = "int8"  # per-row quantization of the large float matrices
     export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
+    export_mlp_scheme: str = ""  # the MLP matrices'; "" = export_scheme (records: int5 MLP, int6 attention)
     gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
     compressor: str = "best"
     code_pack: str = "lzma"  # code bytes: lzma (one self-extracting script, as records ship theirs) | none (the files)
@@ -161,7 +162,7 @@ class Config:
             "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
             "code_pack": CODE_PACKS,
-            "export_embed_scheme": ("", *EXPORT_SCHEMES),
+            "export_embed_scheme": ("", *EXPORT_SCHEMES), "export_mlp_scheme": ("", *EXPORT_SCHEMES),
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
             "mix_order_reduction": ("auto", "on", "off"),
             "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS,

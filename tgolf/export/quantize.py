@@ -176,6 +176,20 @@ def embedding_names(model: nn.Module) -> list[str]:
     return names
 
 
+def mlp_matrix_names(model: nn.Module) -> list[str]:
+    """State names of the MLP matrices (``blocks.<i>.mlp.fc.weight``, ``....mlp.proj.weight``)."""
+    return [name for name, tensor in unwrap_model(model).state_dict().items()
+            if ".mlp." in name and name.endswith(".weight") and tensor.dim() == 2]
+
+
+def part_schemes(model: nn.Module, embed_scheme: str = "", mlp_scheme: str = "") -> dict[str, str]:
+    """``schemes`` for quantize_model: the embeddings' and the MLP matrices' own bits ("" = the export's)."""
+    schemes = {name: mlp_scheme for name in mlp_matrix_names(model)} if mlp_scheme else {}
+    if embed_scheme:
+        schemes.update({name: embed_scheme for name in embedding_names(model)})
+    return schemes
+
+
 def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SMALL_NUMEL,
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    hessians: Mapping[str, torch.Tensor] | None = None,
