@@ -1,8 +1,8 @@
 """Cheap token-level inputs the records stack on the embedding: a hashed bigram table and a smear gate.
 
-Both come from the openai/parameter-golf records (BigramHash and SmearGate from the 1.1458 record on, kept by
-every record to 1.1248, which used a 2048 × 128 table): they give the first layer what a small vocabulary
-lacks, the identity of the token pair, for ~0.3M parameters.
+Both come from the openai/parameter-golf records (BigramHash and SmearGate appear in the 1.1458 record; the 1.1248
+record used a 2048 × 128 table): they give the first layer what a small vocabulary lacks, the identity of the
+token pair, for ~0.3M parameters.
 """
 from __future__ import annotations
 
