@@ -320,7 +320,8 @@ class Trainer:
                     loss = self.train_step(self._micro_batches())
                     self._optimizer_step(scale)
                     if self.ema is not None:
-                        self.ema.update()
+                        with nvtx_range("optimizer"):  # the profile counts the average as optimizer work
+                            self.ema.update()
                 if pending is not None:
                     self._check_finite(pending[0], pending[1].item())
                 pending = (self.step + 1, loss)
