@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import tgolf
-from tgolf.config import Config, env_overrides
+from tgolf.config import PRESETS, Config, env_overrides
 from tgolf.export import codebytes, codepack
 from tgolf.export.codestrip import strip
 
@@ -59,6 +59,8 @@ def test_run_settings_travel_as_environment_variables_that_rebuild_the_config():
     assert env == {"NUM_LAYERS": "11", "TIE_EMBEDDINGS": "0", "MATRIX_LR": "0.0375", "LINEAR": "ternary-g128"}
     rebuilt = Config(**env_overrides(env), data_path="/data", run_id="mine", out_dir="/tmp/x", submission_dir="/tmp/s")
     assert rebuilt == cfg
+    record = Config(**PRESETS["record"]).validate()  # every kind of field: bools, floats, ints, strings
+    assert Config(**env_overrides(codepack.run_env(record.to_dict()))) == record
 
 
 def test_code_bytes_count_the_packed_script_of_the_imported_sources(monkeypatch):
