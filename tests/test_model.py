@@ -25,7 +25,7 @@ def test_baseline_parameter_count_is_the_official_one():
 
 # the records' additions (tests/test_record_stack.py): the smear gate and the bigram table read the previous token
 RECORD_ADDITIONS = dict(rope_dims=4, ln_scale=True, xsa_last_n=2, smear_gate=True, bigram_vocab_size=13, bigram_dim=4,
-                        ortho_init=True)
+                        ortho_init=True, value_embed_layers="2", value_embed_dim=4)
 
 
 @pytest.mark.parametrize("extra", [{}, RECORD_ADDITIONS], ids=["baseline", "record-additions"])

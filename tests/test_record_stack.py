@@ -1,5 +1,5 @@
-"""The records' additions to the baseline: partial RoPE, XSA, LN scale, SmearGate, bigram hash table, weight
-decay and the weight EMA, each against a plain reference, and the ``record`` preset end to end (training,
+"""The records' additions to the baseline: partial RoPE, XSA, LN scale, SmearGate, bigram hash table, value
+embeddings, orthogonal init, weight decay and the weight EMA, each against a plain reference, and the ``record`` preset end to end (training,
 export, roundtrip)."""
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tgolf.train.optim import Muon, build_optimizers, split_parameters
 
 # every addition on, at a size the CPU trains in seconds
 TINY_RECORD = dict(num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=97, rope_dims=4,
-                   ln_scale=True, xsa_last_n=2, smear_gate=True, bigram_vocab_size=61, bigram_dim=8, ortho_init=True)
+                   ln_scale=True, xsa_last_n=2, smear_gate=True, bigram_vocab_size=61, bigram_dim=8, ortho_init=True,
+                   value_embed_layers="1,3", value_embed_dim=8)
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -143,6 +144,43 @@ def test_bigram_table_starts_silent_then_learns():
     assert table.proj.weight.grad.abs().max() > 0
 
 
+def test_value_embedding_adds_to_the_values_only():
+    attn = _perturbed(CausalSelfAttention(32, num_heads=4, num_kv_heads=2))
+    x, bias = torch.randn(2, 5, 32), torch.randn(2, 5, 16)
+    q0, k0, v0 = attn.project_qkv(x)
+    q, k, v = attn.project_qkv(x, bias)
+    torch.testing.assert_close((q, k), (q0, k0), rtol=0, atol=0)
+    torch.testing.assert_close(v, v0 + bias.view(2, 5, 2, 8).transpose(1, 2))
+
+
+def test_value_embedding_reaches_only_its_layers_and_starts_silent():
+    cfg = Config(**TINY_RECORD)
+    model = _perturbed(build_model(cfg))
+    assert [i for i, block in enumerate(model.blocks) if block.value_embed_scale is not None] == [1, 3]
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        model.value_embed.proj.weight.zero_()
+        silent = model.logits(ids)
+        for block in model.blocks:
+            if block.value_embed_scale is not None:
+                block.value_embed_scale.fill_(0.0)
+        torch.testing.assert_close(model.logits(ids), silent, rtol=0, atol=0)
+    with torch.no_grad():
+        model.value_embed.proj.weight.normal_()
+        for i in (1, 3):
+            model.blocks[i].value_embed_scale.fill_(0.5)
+    model(ids, ids).backward()
+    assert model.value_embed.table.weight.grad.abs().max() > 0
+    assert all(model.blocks[i].value_embed_scale.grad.abs() > 0 for i in (1, 3))
+
+
+@pytest.mark.parametrize("layers, message", [("1,x", "layer indices"), ("4", r"layers are 0\.\.3"),
+                                             ("1", "layer 1, whose attention is 'linear'")])
+def test_bad_value_embed_layers_name_the_field(layers, message):
+    with pytest.raises(ValueError, match=f"value_embed_layers.*{message}"):
+        Config(num_layers=4, attention_layers="softmax,linear", value_embed_layers=layers).validate()
+
+
 def test_compiles_fullgraph_with_every_addition_on():
     model = _perturbed(build_model(Config(**TINY_RECORD)))
     ids, targets = torch.randint(0, 97, (2, 8)), torch.randint(0, 97, (2, 8))
@@ -162,7 +200,7 @@ def test_ortho_init_makes_the_input_matrices_orthogonal_and_leaves_the_outputs_a
 
 # --- optimizer: groups and weight decay ---------------------------------------------------------------------
 
-def test_bigram_table_is_an_embedding_and_its_projection_a_muon_matrix():
+def test_tables_are_embeddings_and_their_projections_muon_matrices():
     model = build_model(Config(**TINY_RECORD))
     group_of = {id(p): group for group, params in split_parameters(model).items() for p in params}
     named = dict(model.named_parameters())
@@ -170,6 +208,9 @@ def test_bigram_table_is_an_embedding_and_its_projection_a_muon_matrix():
     assert group_of[id(named["bigram.table.weight"])] == "embed"
     assert group_of[id(named["bigram.proj.weight"])] == "matrix"
     assert group_of[id(named["smear.gate"])] == "scalar"
+    assert group_of[id(named["value_embed.table.weight"])] == "embed"
+    assert group_of[id(named["value_embed.proj.weight"])] == "matrix"
+    assert group_of[id(named["blocks.1.value_embed_scale"])] == "scalar"
 
 
 def test_muon_weight_decay_is_decoupled():

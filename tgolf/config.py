@@ -95,6 +95,8 @@ class Config:
     bigram_vocab_size: int = 0  # >0: hashed (previous, current) token-pair embedding table with this many rows
     bigram_dim: int = 128  # width of that table, projected to model_dim
     ortho_init: bool = False  # orthogonal initial q, k, v and MLP up-projection matrices
+    value_embed_layers: str = ""  # layers (indices, e.g. "9,10") whose attention values add a shared token embedding
+    value_embed_dim: int = 128  # width of that embedding table, projected to the values' width
 
     # --- pluggable parts (tgolf.nn chooses the module by these names) -------------------------
     linear: str = "bf16"  # attention, MLP matrices: bf16|qat4..qat8|fp8|ternary; -g<N> (qat, ternary), fp8-row
@@ -152,6 +154,18 @@ class Config:
         pattern = [k.strip() for k in self.attention_layers.split(",") if k.strip()] or [self.attention]
         return [pattern[i % len(pattern)] for i in range(self.num_layers)]
 
+    def value_embed_indices(self) -> list[int]:
+        """The layers of ``value_embed_layers``, sorted; ValueError naming the field for a bad entry."""
+        try:
+            indices = sorted({int(part) for part in self.value_embed_layers.split(",") if part.strip()})
+        except ValueError:
+            raise ValueError(f"config field value_embed_layers={self.value_embed_layers!r}: expected layer indices "
+                             "separated by commas") from None
+        if indices and not 0 <= indices[0] <= indices[-1] < self.num_layers:
+            raise ValueError(f"config field value_embed_layers={self.value_embed_layers!r}: layers are 0.."
+                             f"{self.num_layers - 1}")
+        return indices
+
     def xsa_layers(self) -> range:
         """Indices of the layers with exclusive self attention: the last ``xsa_last_n``."""
         return range(self.num_layers - self.xsa_last_n, self.num_layers)
@@ -198,6 +212,13 @@ class Config:
             if self.layer_attention_kinds()[index] != "softmax":
                 raise ValueError(f"config field xsa_last_n={self.xsa_last_n} covers layer {index}, whose attention "
                                  f"is {self.layer_attention_kinds()[index]!r}: XSA applies to softmax attention only")
+        for index in self.value_embed_indices():
+            if self.layer_attention_kinds()[index] != "softmax":
+                raise ValueError(f"config field value_embed_layers={self.value_embed_layers!r} names layer {index}, "
+                                 f"whose attention is {self.layer_attention_kinds()[index]!r}: value embeddings "
+                                 "apply to softmax attention only")
+        if self.value_embed_dim <= 0:
+            raise ValueError(f"config field value_embed_dim={self.value_embed_dim}: must be > 0")
         if self.bigram_vocab_size < 0 or self.bigram_vocab_size == 1 or self.bigram_dim <= 0:
             raise ValueError(f"config fields bigram_vocab_size={self.bigram_vocab_size}, bigram_dim={self.bigram_dim}:"
                              " need bigram_vocab_size = 0 (off) or >= 2, and bigram_dim > 0")

@@ -3,7 +3,7 @@
 9 × 512 at the baseline preset: GQA attention, relu² MLP, tied embeddings, U-Net skips from the first half
 of the blocks to the second, per-block mix with the embedding x0, tanh logit softcap (17,059,912 parameters).
 The records' additions are fields that default to off: partial RoPE, LN scale, XSA, SmearGate, bigram hash
-table, orthogonal init (the ``record`` preset turns them on). The model reads only the model fields of the run's
+table, orthogonal init (the ``record`` preset turns them on), value embeddings. The model reads only the model fields of the run's
 Config (num_layers ... loss), so one dataclass describes both.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from tgolf.config import Config
 from tgolf.nn import get_loss, make_attention, make_mlp
-from tgolf.nn.embeddings import BigramHashEmbedding, SmearGate
+from tgolf.nn.embeddings import BigramHashEmbedding, SmearGate, ValueEmbedding
 from tgolf.nvtx import nvtx_range
 
 
@@ -34,16 +34,22 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
         # LN scale (the 1.1248 record): deeper blocks read their input at 1/sqrt(index + 1), a constant
         self.norm_scale = (index + 1) ** -0.5 if cfg.ln_scale else 1.0
+        # this layer's weight of the shared value embedding (GPT.value_embed), if it takes it
+        self.value_embed_scale = nn.Parameter(torch.ones(())) if index in cfg.value_embed_indices() else None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x, (x.shape[-1],))
         return normed * self.norm_scale if self.norm_scale != 1.0 else normed
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, value_embed: torch.Tensor | None = None) -> torch.Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         with nvtx_range("attention"):
-            x = x + self.attn_scale.to(x.dtype) * self.attn(self._norm(x))
+            if self.value_embed_scale is None:
+                y = self.attn(self._norm(x))
+            else:
+                y = self.attn(self._norm(x), self.value_embed_scale.to(value_embed.dtype) * value_embed)
+            x = x + self.attn_scale.to(x.dtype) * y
         with nvtx_range("mlp"):
             x = x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
         return x
@@ -57,6 +63,8 @@ class GPT(nn.Module):
         self.bigram = (BigramHashEmbedding(cfg.bigram_vocab_size, cfg.bigram_dim, cfg.model_dim)
                        if cfg.bigram_vocab_size else None)
         self.smear = SmearGate(cfg.model_dim) if cfg.smear_gate else None
+        self.value_embed = (ValueEmbedding(cfg.vocab_size, cfg.value_embed_dim, cfg.num_kv_heads * cfg.head_dim)
+                            if cfg.value_embed_indices() else None)
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
         num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
@@ -91,14 +99,15 @@ class GPT(nn.Module):
         x = F.rms_norm(x, (self.config.model_dim,))
         if self.smear is not None:
             x = self.smear(x)
+        value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
         x0, skips = x, []
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0)
+            x = block(x, x0, value_embed)
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers:]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0)
+            x = block(x, x0, value_embed)
         return F.rms_norm(x, (self.config.model_dim,))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The baseline's softmax attention block: GQA, RMS-normed q and k, RoPE, per-head q gain, SDPA; optionally
-partial RoPE (``rope_dims``) and exclusive self attention (``xsa``).
+partial RoPE (``rope_dims``), exclusive self attention (``xsa``) and a value embedding (``value_bias``).
 
 Every attention module in tgolf.nn takes the same constructor arguments and maps [B, T, dim] → [B, T, dim],
 so ``Config.attention`` swaps them.
@@ -33,12 +33,17 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, rope_base, rope_dims)
         self.xsa = xsa
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [B, H, T, D], k and v [B, Hkv, T, D]: normed, rotated and gained as the baseline does."""
+    def project_qkv(self, x: torch.Tensor, value_bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, H, T, D], k and v [B, Hkv, T, D]: normed, rotated and gained as the baseline does;
+        ``value_bias`` [B, T, Hkv·D] (a value embedding) is added to the values."""
         bsz, seq_len, _ = x.shape
         q = self.c_q(x).view(bsz, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.c_k(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(x)
+        if value_bias is not None:
+            v = v + value_bias.to(v.dtype)
+        v = v.view(bsz, seq_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = F.rms_norm(q, (self.head_dim,))
         k = F.rms_norm(k, (self.head_dim,))
         cos, sin = self.rotary.tables(seq_len, x.device, q.dtype)
@@ -46,9 +51,9 @@ class CausalSelfAttention(nn.Module):
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, value_bias: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq_len, dim = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, value_bias)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
         if self.xsa:

@@ -1,4 +1,5 @@
-"""Cheap token-level inputs the records stack on the embedding: a hashed bigram table and a smear gate.
+"""Cheap token-level inputs the records stack on the embedding: a hashed bigram table, a smear gate, and a
+token embedding added to the attention values of a few layers.
 
 Both come from the openai/parameter-golf records (BigramHash and SmearGate appear in the 1.1458 record; the 1.1248
 record used a 2048 × 128 table): they give the first layer what a small vocabulary lacks, the identity of the
@@ -52,3 +53,20 @@ class SmearGate(nn.Module):
         g = torch.sigmoid(self.gate).to(x.dtype)
         previous = F.pad(x[:, :-1], (0, 0, 1, 0))
         return x + g * (previous - x)
+
+
+class ValueEmbedding(nn.Module):
+    """A ``vocab_size`` × ``dim`` token table projected to ``kv_dim``: one shared bias for the attention values
+    of the layers that take it, each layer with a learned scale of its own (later record stacks use a 128-wide
+    table on the last two of 11 layers). The projection starts at zero, so the model starts as it would without
+    it."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, dim)
+        self.proj = nn.Linear(dim, kv_dim, bias=False)
+        nn.init.normal_(self.table.weight, std=0.02)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(input_ids))

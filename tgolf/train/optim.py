@@ -86,15 +86,16 @@ class Muon(torch.optim.Optimizer):
 
 def split_parameters(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """Group parameters as the baseline: block matrices (Muon), embedding, untied head, scalars/vectors (Adam).
-    A bigram hash table counts as an embedding and its projection as a matrix, as in the records."""
+    The bigram and value-embedding tables count as embeddings and their projections as matrices, as in the
+    records."""
     groups: dict[str, list[nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
-        if name.startswith(("tok_emb.", "bigram.table.")):
+        if name.startswith(("tok_emb.", "bigram.table.", "value_embed.table.")):
             groups["embed"].append(p)
         elif name.startswith("lm_head."):
             groups["head"].append(p)
         elif p.ndim == 2 and (name.startswith("blocks.") and name.endswith(".weight")  # not resid_mix etc.
-                              or name == "bigram.proj.weight"):
+                              or name in ("bigram.proj.weight", "value_embed.proj.weight")):
             groups["matrix"].append(p)
         else:
             groups["scalar"].append(p)
