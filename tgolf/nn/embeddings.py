@@ -1,9 +1,9 @@
 """Cheap token-level inputs the records stack on the embedding: a hashed bigram table, a smear gate, and a
 token embedding added to the attention values of a few layers.
 
-Both come from the openai/parameter-golf records (BigramHash and SmearGate appear in the 1.1458 record; the 1.1248
-record used a 2048 × 128 table): they give the first layer what a small vocabulary lacks, the identity of the
-token pair, for ~0.3M parameters.
+The bigram table and the smear gate appear in the openai/parameter-golf record at 1.1458; the 1.1248 record used a
+2048 × 128 table, ~0.3M parameters that give the first layer what a small vocabulary lacks, the identity of the
+token pair. Later record stacks add the value embedding.
 """
 from __future__ import annotations
 
@@ -23,22 +23,31 @@ def bigram_buckets(input_ids: torch.Tensor, num_buckets: int) -> torch.Tensor:
     return F.pad(pairs, (1, 0), value=num_buckets - 1)
 
 
-class BigramHashEmbedding(nn.Module):
-    """``num_buckets`` × ``dim`` table of hashed token pairs, projected to ``model_dim``; the projection starts at
-    zero, so the model starts as it would without the table."""
+class ProjectedTable(nn.Module):
+    """A ``rows`` × ``dim`` table whose rows are projected to ``out_dim``; the projection starts at zero, so a
+    model starts as it would without the table (whose rows start at N(0, 0.02))."""
 
-    def __init__(self, num_buckets: int, dim: int, model_dim: int):
+    def __init__(self, rows: int, dim: int, out_dim: int):
         super().__init__()
-        if num_buckets < 2:
-            raise ValueError(f"BigramHashEmbedding: num_buckets={num_buckets} must be >= 2")
-        self.num_buckets = num_buckets
-        self.table = nn.Embedding(num_buckets, dim)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.table = nn.Embedding(rows, dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
         nn.init.normal_(self.table.weight, std=0.02)
         nn.init.zeros_(self.proj.weight)
 
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(rows))
+
+
+class BigramHashEmbedding(ProjectedTable):
+    """``num_buckets`` hashed token pairs (``bigram_buckets``), each a ``dim``-wide row projected to ``model_dim``."""
+
+    def __init__(self, num_buckets: int, dim: int, model_dim: int):
+        if num_buckets < 2:
+            raise ValueError(f"BigramHashEmbedding: num_buckets={num_buckets} must be >= 2")
+        super().__init__(num_buckets, dim, model_dim)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.table(bigram_buckets(input_ids, self.num_buckets)))
+        return super().forward(bigram_buckets(input_ids, self.table.num_embeddings))
 
 
 class SmearGate(nn.Module):
@@ -55,18 +64,10 @@ class SmearGate(nn.Module):
         return x + g * (previous - x)
 
 
-class ValueEmbedding(nn.Module):
+class ValueEmbedding(ProjectedTable):
     """A ``vocab_size`` × ``dim`` token table projected to ``kv_dim``: one shared bias for the attention values
     of the layers that take it, each layer with a learned scale of its own (later record stacks use a 128-wide
-    table on the last two of 11 layers). The projection starts at zero, so the model starts as it would without
-    it."""
+    table on the last two of 11 layers)."""
 
     def __init__(self, vocab_size: int, dim: int, kv_dim: int):
-        super().__init__()
-        self.table = nn.Embedding(vocab_size, dim)
-        self.proj = nn.Linear(dim, kv_dim, bias=False)
-        nn.init.normal_(self.table.weight, std=0.02)
-        nn.init.zeros_(self.proj.weight)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.table(input_ids))
+        super().__init__(vocab_size, dim, kv_dim)
