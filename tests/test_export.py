@@ -616,6 +616,21 @@ def test_submission_folder(tmp_path, pack):
         write_submission(tmp_path / "x", {"val_bpb": 1.0}, log, tiny_config())
 
 
+def test_submission_scores_the_ttt_evaluation_when_the_run_had_one():
+    from tgolf.export.submission import render_readme, submission_json
+
+    summary = {"val_bpb": 1.25, "roundtrip_val_bpb": 1.26, "roundtrip_val_loss": 2.12, "ttt_val_bpb": 1.2575,
+               "ttt_val_loss": 2.11, "artifact_bytes": 10, "model_bytes": 6, "code_bytes": 4}
+    kwargs = dict(name="t", author="", github_id="", blurb="", date="2026-11-28")
+    record = submission_json(summary, {}, **kwargs)
+    assert (record["val_bpb"], record["val_loss"], record["roundtrip_val_bpb"]) == (1.2575, 2.11, 1.26)
+    assert record["ttt_gain_bpb"] == pytest.approx(-0.0025)
+    assert "| TTT gain (bpb) | -0.00250000 |" in render_readme(record, {}, [])
+    plain = submission_json({**summary, "ttt_val_bpb": None, "ttt_val_loss": None}, {}, **kwargs)
+    assert plain["val_bpb"] == 1.26 and plain["ttt_gain_bpb"] is None
+    assert "TTT" not in render_readme(plain, {}, [])
+
+
 def test_code_bytes_counts_imported_tgolf_sources():
     import tgolf.nvtx  # noqa: F401  (imported by the model and the loop: counted)
 

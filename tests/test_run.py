@@ -65,12 +65,18 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
                    # GPTQ's second moments are averaged over the ranks: 2 layers' MLP matrices (640 x 128) and
                    # the tied embedding
                    "--model-dim", "128", "--num-heads", "4", "--num-kv-heads", "2", "--mlp-mult", "5",
-                   "--gptq-tokens", "512")]
+                   "--gptq-tokens", "512",
+                   # score-first TTT over both ranks, scored as the submission's val_bpb
+                   "--ttt-enabled", "--ttt-chunk-tokens", "512", "--ttt-batch-seqs", "3",
+                   "--submission-dir", str(tmp_path / "submission"))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all 2 ranks agree on the trained parameters" in proc.stdout
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["gptq_tensors"] == 5
+    assert summary["ttt_chunks"] == 4 and summary["ttt_adapted_chunks"] == 3 and "ttt val_loss:" in proc.stdout
+    record = json.loads((tmp_path / "submission" / "submission.json").read_text())
+    assert record["val_bpb"] == summary["ttt_val_bpb"] and record["roundtrip_val_bpb"] == summary["roundtrip_val_bpb"]
 
 
 @pytest.mark.parametrize("parts", [

@@ -145,6 +145,17 @@ class Config:
     eval_seq_len: int = 0  # 0 = train_seq_len
     submission_dir: str = ""
 
+    # --- score-first test-time training, in the final evaluation (tgolf.eval.ttt) ------------------
+    ttt_enabled: bool = False  # also score the roundtrip model while adapting it to the val tokens already scored
+    ttt_chunk_tokens: int = 32768  # val targets per chunk: each chunk is scored first, then trained on
+    ttt_epochs: int = 3  # SGD passes over each scored chunk
+    ttt_lr: float = 0.002  # SGD learning rate, cosine-decayed over the chunks
+    ttt_momentum: float = 0.9  # SGD momentum
+    ttt_grad_clip: float = 1.0  # clip the gradient's global norm to this; 0 = off
+    ttt_freeze_blocks: int = 0  # the first N transformer blocks are not adapted
+    ttt_batch_seqs: int = 32  # sequences of eval_seq_len tokens per SGD step, over all ranks
+    ttt_max_seconds: float = 540.0  # stop adapting (still scoring every chunk) to finish within this; 0 = no cap
+
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
@@ -237,6 +248,17 @@ class Config:
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: GPTQ calibrates "
                              f"on a dense copy of the model, and linear={self.linear} layers export the codes they "
                              f"trained with")
+        for name in ("ttt_chunk_tokens", "ttt_batch_seqs"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"config field {name}={getattr(self, name)}: must be > 0")
+        for name in ("ttt_epochs", "ttt_lr", "ttt_grad_clip", "ttt_max_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
+        if not 0 <= self.ttt_momentum < 1:
+            raise ValueError(f"config field ttt_momentum={self.ttt_momentum}: must be in [0, 1)")
+        if not 0 <= self.ttt_freeze_blocks <= self.num_layers:
+            raise ValueError(f"config field ttt_freeze_blocks={self.ttt_freeze_blocks}: must be in 0..num_layers="
+                             f"{self.num_layers}")
         parse_step_range(self.profile_steps, "config field profile_steps")
         return self
 
@@ -343,14 +365,18 @@ def _field_comments() -> dict[str, str]:
     return {m.group(1): m.group(2).strip() for m in re.finditer(r"^    (\w+): [^=\n]+=[^#\n]*#(.*)$", source, re.M)}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add --preset and one --flag-name per Config field; unspecified flags stay None."""
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="starting values (default: smoke without DATA_PATH, else baseline)")
+def add_config_arguments(parser: argparse.ArgumentParser, names: Sequence[str] | None = None) -> None:
+    """Add --preset and one --flag-name per Config field (only ``names``, and no --preset, when given);
+    unspecified flags stay None."""
+    if names is None:
+        parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                            help="starting values (default: smoke without DATA_PATH, else baseline)")
     group = parser.add_argument_group("config (also settable as upper-cased environment variables)")
     defaults = Config()
     comments = _field_comments()
     for name, kind in _field_types().items():
+        if names is not None and name not in names:
+            continue
         flag = "--" + name.replace("_", "-")
         help_text = f"{comments[name]} " if name in comments else ""
         help_text = (help_text + f"(default {getattr(defaults, name)!r}; env {name.upper()})").replace("%", "%%")

@@ -1,7 +1,8 @@
 """``python -m tgolf.eval --artifact FILE --data DIR --tokenizer MODEL``: score an artifact on any val shards.
 
 ``--eval-stride N`` scores sliding windows; ``--stateful`` carries linear/hybrid attention state across windows
-and reports val_bpb by context length.
+and reports val_bpb by context length; ``--ttt-enabled`` scores while adapting the model to the tokens already
+scored (tgolf.eval.ttt; the ``--ttt-*`` settings default to the artifact's).
 
 Prints the result as one JSON line (and writes it to ``--out`` when given). Under ``torchrun`` every rank scores
 its share of the windows and rank 0 prints the all-reduced result.
@@ -9,6 +10,7 @@ its share of the windows and rank 0 prints the all-reduced result.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,9 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from tgolf.config import Config, add_config_arguments
 from tgolf.data.loader import load_val_tokens
 from tgolf.data.tokenizer import build_byte_tables
 from tgolf.eval.bpb import evaluate
+
+
+TTT_FIELDS = [f.name for f in dataclasses.fields(Config) if f.name.startswith("ttt_")]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="carry linear/hybrid attention state across windows (val_bpb by context length)")
     p.add_argument("--num-streams", type=int, default=0,
                    help="--stateful: parallel streams over all ranks (default: world size)")
+    add_config_arguments(p, TTT_FIELDS)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", help="also write the JSON result to this file")
     return p
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         from tgolf.export import load_artifact  # lazy: the exporter is optional for the rest of tgolf.eval
 
         model, config = load_artifact(args.artifact, device)
+        config = dataclasses.replace(config, **{name: getattr(args, name) for name in TTT_FIELDS
+                                                if getattr(args, name) is not None}).validate()
+        if args.stateful and config.ttt_enabled:
+            raise ValueError("--stateful and score-first TTT (--ttt-enabled, or the artifact's ttt_enabled) are two "
+                             "different evaluations: choose one (--no-ttt-enabled turns TTT off)")
         seq_len = args.seq_len or _setting(config, "eval_seq_len", _setting(config, "train_seq_len", 1024))
         stride = args.eval_stride if args.eval_stride is not None else _setting(config, "eval_stride", 0)
         batch_tokens = args.batch_tokens or _setting(config, "val_batch_size", 524_288)
@@ -73,6 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluate_stateful(model, val, seq_len, tables, device, num_streams=args.num_streams or world_size,
                                        rank=rank, world_size=world_size)
+        elif config.ttt_enabled:
+            from tgolf.eval.ttt import TTTSettings, evaluate_ttt
+
+            result = evaluate_ttt(model, val, seq_len, batch_tokens, tables, device, TTTSettings.from_config(config),
+                                  rank=rank, world_size=world_size, stride=stride)
         else:
             result = evaluate(model, val, seq_len, batch_tokens, tables, device, rank=rank, world_size=world_size,
                               stride=stride)

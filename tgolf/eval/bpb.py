@@ -91,6 +91,44 @@ def default_score(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> t
     return model(x, y, reduction="none")
 
 
+def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPUs (as in training), nothing on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def score_windows(model: torch.nn.Module, val_tokens: torch.Tensor, starts: np.ndarray, scored: np.ndarray,
+                  window: int, per_batch: int, tables: ByteTables, device: torch.device, totals: Totals,
+                  score_fn: ScoreFn = default_score) -> None:
+    """Add to ``totals`` the last ``scored[i]`` targets of each window ``val_tokens[starts[i] : starts[i]+window+1]``,
+    ``per_batch`` windows per forward (``tables`` already on ``device``); the model runs in eval mode, no grad."""
+    offsets = torch.arange(window + 1)
+    positions = offsets[1:].to(device)
+    count = len(starts)
+    was_training = model.training
+    model.eval()
+    try:
+        # no_grad, not inference_mode: caches a model fills here (rotary tables) must stay usable in training
+        with torch.no_grad(), autocast_for(device):
+            for b in range(0, count, per_batch):
+                # a short last batch is padded with copies scoring nothing, so compiled models see one shape
+                rows = np.arange(b, b + per_batch).clip(max=count - 1)
+                n = np.where(np.arange(b, b + per_batch) < count, scored[rows], 0)
+                idx = (torch.from_numpy(starts[rows])[:, None] + offsets).to(val_tokens.device)
+                seqs = val_tokens[idx].to(device=device, dtype=torch.int64, non_blocking=True)
+                x, y = seqs[:, :-1], seqs[:, 1:]
+                nll = score_fn(model, x, y).float()
+                # window position p is scored iff it is among the last n: p + 1 > window - n
+                n = torch.from_numpy(n).to(device, non_blocking=True)
+                totals.add(nll, token_bytes(x, y, tables), positions > window - n[:, None])
+    finally:
+        model.train(was_training)
+
+
+def require_group(caller: str, world_size: int) -> None:
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{caller}(world_size={world_size}) needs an initialized torch.distributed group")
+
+
 def evaluate(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len: int, batch_tokens: int, tables: ByteTables,
              device: torch.device | str, rank: int = 0, world_size: int = 1, stride: int = 0,
              score_fn: ScoreFn = default_score) -> EvalResult:
@@ -105,31 +143,10 @@ def evaluate(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len: int, bat
     lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
     window = min(seq_len, val_tokens.numel() - 1)
     per_batch = max(1, min(batch_tokens // (world_size * window), hi - lo))
-    tables = tables.to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
-    offsets = torch.arange(window + 1)
-    positions = offsets[1:].to(device)
     totals = Totals(device)
-    was_training = model.training
-    model.eval()
-    try:
-        # no_grad, not inference_mode: caches a model fills here (rotary tables) must stay usable in training
-        with torch.no_grad(), autocast:
-            for b in range(lo, hi, per_batch):
-                # a short last batch is padded with copies scoring nothing, so compiled models see one shape
-                rows = np.arange(b, b + per_batch).clip(max=hi - 1)
-                n = np.where(np.arange(b, b + per_batch) < hi, scored[rows], 0)
-                idx = (torch.from_numpy(starts[rows])[:, None] + offsets).to(val_tokens.device)
-                seqs = val_tokens[idx].to(device=device, dtype=torch.int64, non_blocking=True)
-                x, y = seqs[:, :-1], seqs[:, 1:]
-                nll = score_fn(model, x, y).float()
-                # window position p is scored iff it is among the last n: p + 1 > window - n
-                n = torch.from_numpy(n).to(device, non_blocking=True)
-                totals.add(nll, token_bytes(x, y, tables), positions > window - n[:, None])
-    finally:
-        model.train(was_training)
+    score_windows(model, val_tokens, starts[lo:hi], scored[lo:hi], window, per_batch, tables.to(device), device,
+                  totals, score_fn)
     if world_size > 1:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"evaluate(world_size={world_size}) needs an initialized torch.distributed group")
+        require_group("evaluate", world_size)
         totals.reduce()
     return totals.result(time.perf_counter() - t0)

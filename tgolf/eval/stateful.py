@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from tgolf.data.tokenizer import ByteTables
-from tgolf.eval.bpb import EvalResult, Totals, token_bytes
+from tgolf.eval.bpb import EvalResult, Totals, autocast_for, require_group, token_bytes
 from tgolf.nn.linear_attention import LinearAttention
 
 DEFAULT_BUCKETS = (0, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # lower edges; the last is open
@@ -85,13 +85,12 @@ def evaluate_stateful(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len:
     bucket_sums = torch.zeros(len(buckets), 3, dtype=torch.float64, device=device)
     totals = Totals(device)
     tables = tables.to(device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     offsets = torch.arange(seq_len)
     doc_start = starts.to(device)  # per part: where the current document began (the part's start at first)
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast, streaming(model):
+        with torch.no_grad(), autocast_for(device), streaming(model):
             for w in range(math.ceil(part / seq_len)):
                 local = w * seq_len + offsets  # target index within the part
                 pos = starts[:, None] + local  # absolute index of each input token
@@ -114,8 +113,7 @@ def evaluate_stateful(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len:
     finally:
         model.train(was_training)
     if world_size > 1:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"evaluate_stateful(world_size={world_size}) needs an initialized process group")
+        require_group("evaluate_stateful", world_size)
         totals.reduce()
         dist.all_reduce(bucket_sums, op=dist.ReduceOp.SUM)
     return StatefulResult(totals.result(time.perf_counter() - t0), _bucket_results(bucket_sums, list(buckets)))

@@ -69,6 +69,21 @@ def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, 
     return {name: hessians[name] for name in names}
 
 
+def score_first_ttt(cfg: Config, model: torch.nn.Module, val_tokens: torch.Tensor, tables: Any, env: DistEnv,
+                    logger: RunLogger, roundtrip: dict) -> Any:
+    """The roundtrip model scored while adapted to the val tokens already scored (tgolf.eval.ttt), in place."""
+    from tgolf.eval.ttt import TTTSettings, evaluate_ttt
+
+    result = evaluate_ttt(model, val_tokens, cfg.eval_seq_len or cfg.train_seq_len, cfg.val_batch_size, tables,
+                          env.device, TTTSettings.from_config(cfg), rank=env.rank, world_size=env.world_size,
+                          stride=cfg.eval_stride, log=logger.log)
+    logger.log(f"ttt val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} (gain "
+               f"{result.val_bpb - roundtrip['val_bpb']:+.4f}) adapted on {result.adapted_chunks} of "
+               f"{result.chunks} chunks, eval_time:{1000 * result.seconds:.0f}ms "
+               f"(training {1000 * result.adapt_seconds:.0f}ms)")
+    return result
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.loader import TokenLoader, load_val_tokens
     from tgolf.data.tokenizer import build_byte_tables
@@ -143,6 +158,7 @@ def run(cfg: Config) -> dict[str, Any]:
         post = validate(roundtrip_model, cfg.eval_stride)
         logger.log(f"roundtrip val_loss:{post['val_loss']:.4f} val_bpb:{post['val_bpb']:.4f} "
                    f"(gap {post['val_bpb'] - pre['val_bpb']:+.4f}) eval_time:{1000 * post['eval_seconds']:.0f}ms")
+        ttt = score_first_ttt(cfg, roundtrip_model, val_tokens, tables, env, logger, post) if cfg.ttt_enabled else None
         if env.is_main:  # every module the run needs is imported by now (the roundtrip's kernels too): its code
             info = info.with_code(count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()))
             packed = (f"packed script, {info.code_bytes_raw:,} B as files" if info.code_pack != "none"
@@ -166,7 +182,9 @@ def run(cfg: Config) -> dict[str, Any]:
             "train_seconds": result.train_seconds,
             "tokens_per_second": result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
             "step_ms": 1000 * result.train_seconds / max(result.steps, 1),
-            "eval_seconds": pre["eval_seconds"] + post["eval_seconds"],
+            **{f"ttt_{name}": getattr(ttt, name) if ttt else None
+               for name in ("val_bpb", "val_loss", "seconds", "chunks", "adapted_chunks")},
+            "eval_seconds": pre["eval_seconds"] + post["eval_seconds"] + (ttt.seconds if ttt else 0.0),
             "peak_memory_bytes": peak_mem,
             "wall_seconds": time.perf_counter() - wall_start,
             "hardware": hardware_name(env.device, env.world_size), "world_size": env.world_size,
@@ -181,8 +199,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 write_submission(cfg.submission_dir, summary, run_dir / "train.log", cfg.to_dict(),
                                  name=cfg.run_id, code_files=[f for f, _ in info.code_files])
                 logger.log(f"submission written to {cfg.submission_dir}")
-            logger.log(f"final val_bpb:{summary['val_bpb']:.4f} roundtrip_val_bpb:{summary['roundtrip_val_bpb']:.4f} "
-                       f"artifact_bytes:{summary['artifact_bytes']:,} summary {run_dir / 'summary.json'}")
+            after_ttt = f" ttt_val_bpb:{ttt.val_bpb:.4f}" if ttt else ""
+            logger.log(f"final val_bpb:{summary['val_bpb']:.4f} roundtrip_val_bpb:{summary['roundtrip_val_bpb']:.4f}"
+                       f"{after_ttt} artifact_bytes:{summary['artifact_bytes']:,} summary {run_dir / 'summary.json'}")
         return summary
     finally:
         logger.close()
