@@ -149,6 +149,39 @@ def test_wallclock_cap_holds(tmp_path, tiny_shards, monkeypatch, durations, step
     assert result.train_seconds == pytest.approx(sum(durations[:steps])) and result.train_seconds <= 2.0
 
 
+def _rank_with_skewed_clock(rank: int, init_file: str, data: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from tgolf.train.distributed import check_replicas_agree
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        # rank 1's clock runs 1% slow: on its own clock its time-keyed warmdown would give it other learning rates
+        clock = _StepClock([0.3 * (1.01 if rank else 1.0)] * 100)
+        loop.time = clock
+        cfg = Config(**{**TINY, "iterations": 10**6, "max_wallclock_seconds": 2.0, "warmdown_iters": 5}).validate()
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+        env = DistEnv(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"))
+        loader = TokenLoader(data, rank, 2, seed=cfg.seed, vocab_size=cfg.vocab_size)
+        trainer = Trainer(cfg, env, model, loader, RunLogger(None), validate=lambda m: {}, run_dir=Path(out_dir))
+        trainer.train_step = clock.timed(trainer.train_step)
+        result = trainer.run()
+        check_replicas_agree(model, env.device)  # raises if the ranks' weights differ at all
+        Path(out_dir, f"rank{rank}.steps").write_text(str(result.steps))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_follow_one_clock_so_the_warmdown_keeps_replicas_identical(tmp_path, tiny_shards):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_with_skewed_clock, args=(str(tmp_path / "init"), str(tiny_shards), str(tmp_path)), nprocs=2)
+    # the slow clock decides for both: 6 steps of 0.303 s, and a 7th would end past 2 s
+    assert [(tmp_path / f"rank{r}.steps").read_text() for r in range(2)] == ["6", "6"]
+
+
 def test_non_finite_loss_stops_with_step_and_last_finite_loss(tmp_path, tiny_shards):
     trainer = _trainer(tmp_path, tiny_shards, iterations=20)
     original = trainer.train_step

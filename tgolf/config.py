@@ -129,7 +129,7 @@ class Config:
     ema_decay: float = 0.0  # >0: evaluate and export an exponential moving average of the weights (e.g. 0.997)
 
     # --- checkpoints ------------------------------------------------------------------------
-    checkpoint_every: float = 0.0  # minutes; 0 = only on SIGTERM
+    checkpoint_every: float = 0.0  # minutes of training time; 0 = only on SIGTERM
     profile_steps: str = ""  # "A:B": record training steps A..B with torch.profiler into <run>/profile/
     resume: str = ""  # checkpoint file to continue from
 

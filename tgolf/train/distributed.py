@@ -56,13 +56,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def max_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum of ``values`` over ranks, in one all-reduce (float64), so all ranks decide alike."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     """Element-wise OR of ``flags`` over ranks, in one all-reduce (so all ranks stop at the same step)."""
-    if not dist.is_initialized():
-        return list(flags)
-    t = torch.tensor([1 if f else 0 for f in flags], device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    return [v > 0 for v in max_over_ranks([1.0 if f else 0.0 for f in flags], device)]
 
 
 def average(tensors: list[torch.Tensor]) -> None:

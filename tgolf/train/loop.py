@@ -283,7 +283,7 @@ class Trainer:
         budget = cfg.max_wallclock_seconds
         history: list[dict] = []
         pending: tuple[int, torch.Tensor] | None = None  # last step's loss, read one step late (no GPU stall)
-        last_ckpt = time.perf_counter()
+        last_ckpt = self.train_seconds
         stopped_by = "iterations"
         start_step, start_seconds = self.step, self.train_seconds
         # with a wall-clock budget the bar counts training seconds, which is what ends the run
@@ -293,16 +293,19 @@ class Trainer:
             segment_start = time.perf_counter()
             previous_elapsed = self.train_seconds
             while self.step < cfg.iterations:
-                elapsed = self.train_seconds + time.perf_counter() - segment_start
+                # One all-reduce per step: the flags, and the slowest rank's clock, which every rank then
+                # follows. Each rank's own clock would give each its own learning rate in the time-keyed
+                # warmdown (and its own checkpoint times), and the replicas would drift apart.
+                bad, term, elapsed = distributed.max_over_ranks(
+                    [self.nonfinite is not None, sigterm.raised,
+                     self.train_seconds + time.perf_counter() - segment_start], env.device)
                 done = self.step - start_step
                 mean_step = (elapsed - start_seconds) / done if done else 0.0
                 # predict the next step by the slower of the mean and the last one, so a slow spell does not
                 # carry the run past the budget
                 next_step = max(mean_step, elapsed - previous_elapsed)
                 previous_elapsed = elapsed
-                over_budget = budget > 0 and elapsed + next_step > budget
-                bad, term, over = distributed.any_rank(
-                    [self.nonfinite is not None, sigterm.raised, over_budget], env.device)
+                over = budget > 0 and elapsed + next_step > budget
                 if bad:
                     raise self._nonfinite_error()
                 if term or over:
@@ -330,7 +333,7 @@ class Trainer:
                 progress.update(min(self.train_seconds + now - segment_start, budget) - progress.n if budget > 0 else 1)
                 log_now = cfg.train_log_every > 0 and (self.step % cfg.train_log_every == 0 or self.step <= 10)
                 val_now = cfg.val_loss_every > 0 and self.step % cfg.val_loss_every == 0
-                ckpt_now = cfg.checkpoint_every > 0 and now - last_ckpt >= 60 * cfg.checkpoint_every
+                ckpt_now = cfg.checkpoint_every > 0 and elapsed - last_ckpt >= 60 * cfg.checkpoint_every
                 if log_now or val_now or ckpt_now:
                     value = pending[1].item()  # waits for the GPU: the queued work is training time too
                     self._check_finite(pending[0], value)
@@ -350,7 +353,7 @@ class Trainer:
                                         f"step_avg:{1000 * avg:.2f}ms")
                     if ckpt_now:
                         self._save_checkpoint()
-                        last_ckpt = time.perf_counter()
+                        last_ckpt = elapsed
                     segment_start = time.perf_counter()  # validation and checkpoints are not training time
             if pending is not None:
                 self._check_finite(pending[0], pending[1].item())
