@@ -475,3 +475,29 @@ def test_gpu_gpt_under_autocast(kind):
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_inactive_qat_linear_is_a_plain_linear_and_compiled_graphs_follow_the_switch():
+    """Late QAT: an inactive QATLinear is F.linear; torch.compile (fullgraph) guards on the switch, so the compiled
+    model follows it both ways instead of keeping the graph it traced first."""
+    from tgolf.nn.quant import set_qat_active
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(QATLinear(24, 16, bits=5), torch.nn.ReLU(), QATLinear(16, 8, bias=True, bits=5))
+    x = torch.randn(6, 24)
+    quantized = model(x)
+    assert set_qat_active(model, False) == 2 and "active=False" in repr(model[0])
+    plain = F.linear(F.relu(F.linear(x, model[0].weight)), model[2].weight, model[2].bias)
+    torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
+    assert rel_err(plain, quantized) > 1e-3  # 5-bit weights: the two forwards differ
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=counting_backend, fullgraph=True)
+    for active, expected in ((False, plain), (True, quantized), (False, plain), (True, quantized)):
+        set_qat_active(model, active)
+        torch.testing.assert_close(compiled(x), expected)
+    assert len(graphs) == 2  # one graph per value, each compiled once: after both exist, switching is free

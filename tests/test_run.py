@@ -81,7 +81,8 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
 
 @pytest.mark.parametrize("parts", [
     ("--linear", "ternary", "--mlp", "fused", "--loss", "fused"),
-    ("--linear", "qat6", "--mlp-activation", "leaky_relu2", "--export-scheme", "int6"),
+    # late QAT: the lr scale is 1, 1, .5 over the 3 steps (warmdown 2): quantization on from step 2
+    ("--linear", "qat6", "--mlp-activation", "leaky_relu2", "--export-scheme", "int6", "--late-qat-threshold", "0.6"),
     ("--attention", "hybrid", "--attention-window", "8"),
     ("--attention-layers", "softmax,linear", "--linear-decay", "token"),
     ("--linear", "ternary-g16"),  # the kind's options: a scale per 16 input columns, exported with the codes
@@ -97,5 +98,6 @@ def test_pluggable_parts_run_end_to_end(tmp_path, tiny_shards, parts):
                        *parts)) == 0
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["roundtrip_val_bpb"])
+    assert summary["late_qat_step"] == (2 if "--late-qat-threshold" in parts else None)
     # quantized layers export their own codes; the rest is per-row int: the roundtrip barely moves the score
     assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05

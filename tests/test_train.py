@@ -243,6 +243,38 @@ def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, tiny_shards):
     assert resumed.run().steps == 6
 
 
+def test_late_qat_switches_quantization_on_when_the_lr_scale_falls_below_the_threshold(tmp_path, tiny_shards):
+    from tgolf.nn.quant import QATLinear
+
+    # step-keyed warmdown over the last 4 of 8 steps: lr scale 1, 1, 1, 1, 1, .75, .5, .25 → on at step 6 (< .6)
+    trainer = _trainer(tmp_path, tiny_shards, iterations=8, warmdown_iters=4, linear="qat6", late_qat_threshold=0.6,
+                       warmup_steps=4)
+    layers = [m for m in trainer.raw_model.modules() if isinstance(m, QATLinear)]
+    seen: list[bool] = []
+    original = trainer.train_step
+
+    def step(batches):
+        seen.append(layers[0].active)
+        return original(batches)
+
+    trainer.train_step = step
+    before = _params(trainer)
+    trainer.warmup()  # compiles (here: runs) both variants, then restores the weights and the switch
+    assert seen == [False, False, True, True] and not any(m.active for m in layers)
+    assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
+    seen.clear()
+    result = trainer.run()
+    assert result.late_qat_step == 6 and seen == [False] * 6 + [True] * 2 and all(m.active for m in layers)
+    assert _trainer(tmp_path / "o", tiny_shards, iterations=2, linear="qat6").run().late_qat_step is None
+
+
+def test_late_qat_needs_qat_layers_and_a_threshold_in_range(tmp_path, tiny_shards):
+    with pytest.raises(ValueError, match="late_qat_threshold=1.5"):
+        Config(late_qat_threshold=1.5, linear="qat6").validate()
+    with pytest.raises(ValueError, match="late_qat_threshold=0.2 needs QAT layers"):
+        _trainer(tmp_path, tiny_shards, late_qat_threshold=0.2)
+
+
 def test_resume_refuses_a_different_model(tmp_path, tiny_shards):
     trainer = _trainer(tmp_path, tiny_shards, iterations=1)
     trainer.run()

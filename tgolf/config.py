@@ -109,6 +109,7 @@ class Config:
     linear_feature_map: str = "identity"  # linear/hybrid attention: identity | elu1 | relu | taylor | hedgehog
     linear_decay: str = "head"  # linear/hybrid attention: none | head (per-head constant) | token (per-token gate)
     loss: str = "reference"  # reference | fused
+    late_qat_threshold: float = 0.0  # linear=qat*: plain matrices until the LR scale falls below this (records: 0.15)
 
     # --- optimizer --------------------------------------------------------------------------
     embed_lr: float = 0.6
@@ -242,6 +243,9 @@ class Config:
                              f"train_seq_len={self.train_seq_len}")
         if self.max_wallclock_seconds < 0 or self.checkpoint_every < 0:
             raise ValueError("config fields max_wallclock_seconds and checkpoint_every must be >= 0")
+        if not 0 <= self.late_qat_threshold <= 1:
+            raise ValueError(f"config field late_qat_threshold={self.late_qat_threshold}: must be in [0, 1] (0 = QAT "
+                             "from the first step)")
         if self.gptq_tokens < 0:
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens}: must be >= 0")
         if self.gptq_tokens and linear_family not in ("bf16", "fp8"):

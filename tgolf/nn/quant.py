@@ -49,12 +49,17 @@ class QATLinear(PerUpdateCache, nn.Linear):
             raise ValueError(f"gemm={gemm!r}: expected one of {QAT_GEMMS}")
         self.clip_sigmas, self.clip_quantile, self.gemm = clip_sigmas, clip_quantile, gemm
         self._dense: tuple | None = None  # (key, dequantized weight in the compute dtype)
+        # False: a plain linear until late QAT switches quantization on (tgolf.train: late_qat_threshold). An
+        # instance attribute, so torch.compile guards on it and keeps one graph per value.
+        self.active = True
 
     def _cache_settings(self) -> tuple:
         return (self.bits, self.group_size, self.clip_sigmas, self.clip_quantile)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
+        if not self.active:
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         settings = self._cache_settings()
         dequantized = (self._memo("_dense", x.dtype, lambda: qat_dense_weight(self.weight, *settings, x.dtype))
                        if self.gemm == "dense" else None)
@@ -68,7 +73,17 @@ class QATLinear(PerUpdateCache, nn.Linear):
     def extra_repr(self) -> str:
         clip = (f", clip_sigmas={self.clip_sigmas}" if self.clip_sigmas is not None else
                 f", clip_quantile={self.clip_quantile}" if self.clip_quantile is not None else "")
-        return f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}{clip}, gemm={self.gemm!r}"
+        inactive = "" if self.active else ", active=False"
+        return (f"{super().extra_repr()}, bits={self.bits}, group_size={self.group_size}{clip}, gemm={self.gemm!r}"
+                f"{inactive}")
+
+
+def set_qat_active(model: nn.Module, active: bool) -> int:
+    """Switch the quantization of every QATLinear in ``model`` on or off; returns how many there are."""
+    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+    for layer in layers:
+        layer.active = active
+    return len(layers)
 
 
 class FP8Linear(nn.Linear):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import signal
@@ -43,6 +44,7 @@ class TrainResult:
     tokens: int
     val_history: list[dict] = field(default_factory=list)
     stopped_by: str = "iterations"  # iterations | wallclock
+    late_qat_step: int | None = None  # the step late QAT switched quantization on at (None: it did not)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -157,6 +159,14 @@ class Trainer:
             raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} over world_size={env.world_size} × "
                              f"grad_accum_steps={self.accum} gives {micro_tokens} tokens per micro-batch, "
                              f"not a positive multiple of train_seq_len={cfg.train_seq_len}")
+        self.late_qat_step: int | None = None
+        if cfg.late_qat_threshold > 0:
+            from tgolf.nn.quant import set_qat_active  # only runs with QAT layers import it (code bytes)
+
+            self._set_qat = functools.partial(set_qat_active, model)
+            if not self._set_qat(False):
+                raise ValueError(f"config field late_qat_threshold={cfg.late_qat_threshold} needs QAT layers "
+                                 f"(linear=qat4..qat8), and the model has none (linear={cfg.linear})")
         net = compile_model(cfg, model, env.device)
         if env.enabled:
             # no buffer broadcast per forward: the only buffers (RoPE tables) are identical on every rank
@@ -245,11 +255,16 @@ class Trainer:
         saved_opts = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         saved_loader = copy.deepcopy(self.loader.state_dict())
         t0 = time.perf_counter()
-        for _ in range(self.cfg.warmup_steps):
+        late_qat = self.cfg.late_qat_threshold > 0 and self.late_qat_step is None
+        for i in range(self.cfg.warmup_steps):
+            if late_qat and i == self.cfg.warmup_steps // 2:
+                self._set_qat(True)  # compile the quantized graph too, so the switch costs no time later
             self.train_step(self._micro_batches())
             self._optimizer_step(1.0)
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
+        if late_qat:
+            self._set_qat(False)
         self.raw_model.load_state_dict(saved_model)
         for opt, state in zip(self.optimizers, saved_opts):
             opt.load_state_dict(state)
@@ -319,6 +334,11 @@ class Trainer:
                     break
                 scale = lr_scale(self.step, elapsed, mean_step, iterations=cfg.iterations,
                                  warmdown_iters=cfg.warmdown_iters, max_wallclock_s=budget)
+                if self.late_qat_step is None and scale < cfg.late_qat_threshold:
+                    self._set_qat(True)  # the same step on every rank: they share the clock
+                    self.late_qat_step = self.step
+                    self.logger.log(f"late QAT: quantization on from step {self.step} (lr scale {scale:.3f} < "
+                                    f"{cfg.late_qat_threshold})")
                 with self.window.around(self.step) if self.window else contextlib.nullcontext():
                     loss = self.train_step(self._micro_batches())
                     self._optimizer_step(scale)
@@ -368,4 +388,5 @@ class Trainer:
                         f"train_time:{1000 * self.train_seconds:.0f}ms")
         self._finish_profile()
         return TrainResult(steps=self.step, train_seconds=self.train_seconds, last_loss=self.last_finite_loss,
-                           tokens=tokens, val_history=history, stopped_by=stopped_by)
+                           tokens=tokens, val_history=history, stopped_by=stopped_by,
+                           late_qat_step=self.late_qat_step)

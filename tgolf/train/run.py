@@ -179,6 +179,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "compressor": info.compressor, "export_scheme": cfg.export_scheme, "artifact_path": str(artifact_path),
             "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
+            "late_qat_step": result.late_qat_step,
             "train_seconds": result.train_seconds,
             "tokens_per_second": result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
             "step_ms": 1000 * result.train_seconds / max(result.steps, 1),
