@@ -284,6 +284,22 @@ def changed_fields(values: Mapping[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in values.items() if defaults.get(name, object()) != value}
 
 
+# The 11-layer stack of the 1.1248 record (openai/parameter-golf PR #315, 2026-03-21: 26.8M parameters,
+# 15.6 MB, ~7,050 steps at 85 ms on 8×H100): XSA on the last 4 layers, partial RoPE (16 of 64 dims), LN
+# scale, EMA 0.997, weight decay 0.04, SmearGate, a 2048 × 128 bigram hash table, orthogonal init, MLP 3×,
+# seq 2048, int6 matrices with an int8 embedding, sliding-window evaluation at stride 64. Its late QAT never
+# ran (the record's README says so), so it is left out; GPTQ (--gptq-tokens) and LeakyReLU² came after it
+# and are one flag each.
+_RECORD: dict[str, Any] = dict(
+    num_layers=11, mlp_mult=3, train_seq_len=2048, train_batch_tokens=786_432, warmdown_iters=3000,
+    rope_dims=16, ln_scale=True, xsa_last_n=4, smear_gate=True, bigram_vocab_size=2048, bigram_dim=128,
+    ortho_init=True,
+    matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035,
+    muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
+    muon_weight_decay=0.04, adam_weight_decay=0.04, grad_clip_norm=0.3, ema_decay=0.997,
+    export_scheme="int6", export_embed_scheme="int8", eval_stride=64,
+)
+
 # Presets: only the fields that differ from the dataclass defaults (which are the official baseline).
 PRESETS: dict[str, dict[str, Any]] = {
     "baseline": {},
@@ -294,21 +310,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         val_loss_every=0, train_log_every=25, val_tokens_limit=131072,
         matrix_lr=0.02, scalar_lr=0.02, tied_embed_lr=0.03,
     ),
-    # The 11-layer stack of the 1.1248 record (openai/parameter-golf PR #315, 2026-03-21: 26.8M parameters,
-    # 15.6 MB, ~7,050 steps at 85 ms on 8×H100): XSA on the last 4 layers, partial RoPE (16 of 64 dims), LN
-    # scale, EMA 0.997, weight decay 0.04, SmearGate, a 2048 × 128 bigram hash table, orthogonal init, MLP 3×,
-    # seq 2048, int6 matrices with an int8 embedding, sliding-window evaluation at stride 64. Its late QAT never
-    # ran (the record's README says so), so it is left out; GPTQ (--gptq-tokens) and LeakyReLU² came after it
-    # and are one flag each.
-    "record": dict(
-        num_layers=11, mlp_mult=3, train_seq_len=2048, train_batch_tokens=786_432, warmdown_iters=3000,
-        rope_dims=16, ln_scale=True, xsa_last_n=4, smear_gate=True, bigram_vocab_size=2048, bigram_dim=128,
-        ortho_init=True,
-        matrix_lr=0.025, scalar_lr=0.025, tied_embed_lr=0.035,
-        muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
-        muon_weight_decay=0.04, adam_weight_decay=0.04, grad_clip_norm=0.3, ema_decay=0.997,
-        export_scheme="int6", export_embed_scheme="int8", eval_stride=64,
-    ),
+    "record": _RECORD,
+    # The 1.1194 record (openai/parameter-golf PR #549, 2026-03-23): the `record` stack with LeakyReLU(0.5)², a
+    # 1536-row bigram table, value embeddings (128 dims) on layers 9 and 10, warmdown 3500, and score-first
+    # test-time training in its evaluation (PR #461's recipe: the ttt_* defaults). Left out: its parameter banking
+    # (a speed change), its tight SWA, its late QAT (QAT layers here: --linear qat6 --late-qat-threshold 0.15) and
+    # its GPTQ-lite clip search (the int6 export here rounds to nearest; --gptq-tokens runs full GPTQ).
+    "record-ttt": {**_RECORD, "mlp_activation": "leaky_relu2", "bigram_vocab_size": 1536,
+                   "value_embed_layers": "9,10", "value_embed_dim": 128, "warmdown_iters": 3500,
+                   "ttt_enabled": True},
 }
 
 # The contest's environment variables (train_gpt.py names) map 1:1 to upper-cased field names; any field can be
