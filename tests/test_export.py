@@ -20,8 +20,8 @@ from tgolf.export.compress import NAMES, compress, compress_all, decompress
 from tgolf.export.format import MAGIC, VERSION, FormatError, deserialize, serialize
 from tgolf.export.packing import (TRIT_BLOCK, TRIT_BLOCK_BYTES, pack_base3, pack_bits, pack_fp16_adaptive, pack_trits,
                                   packed_trits_length, unpack_base3, unpack_bits, unpack_fp16_adaptive, unpack_trits)
-from tgolf.export.quantize import (BASELINE_CLIP_QUANTILE, QuantTensor, dequantize_model, quantize_model,
-                                   quantize_rows)
+from tgolf.export.quantize import (BASELINE_CLIP_QUANTILE, CLIP_SEARCH_QUANTILES, QuantTensor, dequantize_model,
+                                   quantize_model, quantize_rows)
 from tgolf.export.submission import write_submission
 from tgolf.model import build_model
 from tgolf.ops.quant.reference import dequantize_weight, quantize_weight
@@ -54,7 +54,7 @@ def dense_reference(qtensors: dict[str, QuantTensor], **overrides) -> nn.Module:
 # --- quantization --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int6", 6), ("int5", 5)])
+@pytest.mark.parametrize("scheme,bits", [("int8", 8), ("int7", 7), ("int6", 6), ("int5", 5), ("int4", 4)])
 def test_quantize_model_codes_exact(scheme, bits):
     model = random_gpt()
     q = quantize_model(model, scheme, small_numel=SMALL)
@@ -97,6 +97,36 @@ def test_quantize_rows_chunked_equals_whole(monkeypatch):
     monkeypatch.setattr(quantize_mod, "_QUANTILE_MAX_NUMEL", 100)  # 3 rows per chunk
     chunked = quantize_rows(w, 6, BASELINE_CLIP_QUANTILE)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+def _row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return (dequantize_weight(codes, scales) - w).square().sum(1)
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_clip_search_takes_each_rows_best_candidate(bits):
+    torch.manual_seed(0)
+    w = torch.randn(40, 4096)
+    w[::4, :3] *= 8.0  # every 4th row has three outliers, which the full-range clip wastes the grid on
+    codes, scales = quantize_rows(w, bits, None, CLIP_SEARCH_QUANTILES)
+    chosen = _row_errors(w, codes, scales)
+    candidates = torch.stack([_row_errors(w, *quantize_rows(w, bits, q)) for q in CLIP_SEARCH_QUANTILES])
+    torch.testing.assert_close(chosen, candidates.min(0).values, rtol=0, atol=0)
+    full_range = candidates[-1]
+    assert bool((chosen[::4] < full_range[::4]).all())  # the outlier rows clip it
+    base = quantize_rows(w, bits, BASELINE_CLIP_QUANTILE)
+    assert all(torch.equal(a, b) for a, b in zip(quantize_rows(w, bits, None, [BASELINE_CLIP_QUANTILE]), base))
+
+
+def test_clip_search_artifact_reloads_its_codes(tmp_path):
+    model = random_gpt()
+    path = tmp_path / "m.tgz"
+    write_artifact(path, model, tiny_config(), "int6", small_numel=SMALL, clip_search=CLIP_SEARCH_QUANTILES)
+    tensors, _, meta = read_artifact(path)
+    assert meta["clip_search"] == list(CLIP_SEARCH_QUANTILES) and meta["clip_quantile"] is None
+    expected = quantize_model(model, "int6", small_numel=SMALL, clip_search=CLIP_SEARCH_QUANTILES)
+    for name, qt in expected.items():
+        assert torch.equal(tensors[name].dequantize(), qt.dequantize()), name
 
 
 # --- packing -------------------------------------------------------------------------------------------------
@@ -399,7 +429,7 @@ def test_compress_best_is_smallest_and_round_trips():
 # --- artifacts -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int6", "int5"])
+@pytest.mark.parametrize("scheme", ["int8", "int7", "int6", "int5", "int4"])
 def test_roundtrip_logits_equal_quantized_model(tmp_path, scheme):
     torch.manual_seed(1)
     model = random_gpt()

@@ -196,7 +196,7 @@ def test_settings_come_from_the_config_and_its_environment_variables():
         TTTSettings.from_config(Config()), lr=0.003, freeze_blocks=2)
 
 
-def test_eval_cli_runs_ttt_on_an_artifact(tmp_path, capsys, shared_data):
+def test_eval_cli_runs_ttt_on_an_artifact(tmp_path, capsys, monkeypatch, shared_data):
     from tgolf.data.shards import write_shard
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.__main__ import main as eval_main
@@ -219,6 +219,10 @@ def test_eval_cli_runs_ttt_on_an_artifact(tmp_path, capsys, shared_data):
                           settings(chunk_tokens=128, lr=0.3, batch_seqs=4, max_seconds=540.0), stride=8)
     assert printed["val_bpb"] == pytest.approx(direct.val_bpb, rel=1e-6)
     assert eval_main(flags) == 0  # the artifact's setting: no TTT
+    assert "chunks" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    monkeypatch.setenv("TTT_ENABLED", "1")  # as for tgolf.train, the environment sets what flags do not
+    assert eval_main(flags) == 0 and "chunks" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert eval_main([*flags, "--no-ttt-enabled"]) == 0
     assert "chunks" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert eval_main([*flags, "--ttt-enabled", "--stateful"]) == 1
     assert "choose one" in capsys.readouterr().err

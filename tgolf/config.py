@@ -20,7 +20,7 @@ LOSS_KINDS = ("reference", "fused")
 ACTIVATIONS = ("relu2", "leaky_relu2")
 FEATURE_MAPS = ("identity", "elu1", "relu", "taylor", "hedgehog")  # tgolf.ops.linear_attention.feature_maps
 LINEAR_DECAYS = ("none", "head", "token")
-EXPORT_SCHEMES = ("int8", "int6", "int5")
+EXPORT_SCHEMES = ("int8", "int7", "int6", "int5", "int4")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
 CODE_PACKS = ("lzma", "none")  # tgolf.export.codepack's self-extracting script, or the source files as they are
 
@@ -139,6 +139,7 @@ class Config:
     export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
     export_mlp_scheme: str = ""  # the MLP matrices'; "" = export_scheme (records: int5 MLP, int6 attention)
     gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
+    export_clip_search: bool = False  # per row, the clip quantile (of 5) with the least round-trip error ("GPTQ-lite")
     compressor: str = "best"
     code_pack: str = "lzma"  # code bytes: lzma (one self-extracting script, as records ship theirs) | none (the files)
     max_artifact_bytes: int = 16_000_000

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tgolf.config import Config, add_config_arguments
+from tgolf.config import Config, add_config_arguments, env_overrides
 from tgolf.data.loader import load_val_tokens
 from tgolf.data.tokenizer import build_byte_tables
 from tgolf.eval.bpb import evaluate
@@ -69,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from tgolf.export import load_artifact  # lazy: the exporter is optional for the rest of tgolf.eval
 
         model, config = load_artifact(args.artifact, device)
-        config = dataclasses.replace(config, **{name: getattr(args, name) for name in TTT_FIELDS
-                                                if getattr(args, name) is not None}).validate()
+        # the artifact's TTT settings, then the environment's (TTT_ENABLED=1, ...), then the flags
+        env = {name: value for name, value in env_overrides(os.environ).items() if name in TTT_FIELDS}
+        flags = {name: getattr(args, name) for name in TTT_FIELDS if getattr(args, name) is not None}
+        config = dataclasses.replace(config, **{**env, **flags}).validate()
         if args.stateful and config.ttt_enabled:
             raise ValueError("--stateful and score-first TTT (--ttt-enabled, or the artifact's ttt_enabled) are two "
                              "different evaluations: choose one (--no-ttt-enabled turns TTT off)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch.nn as nn
 
@@ -68,22 +68,25 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
                    compressor: str = "best", *, overwrite: bool = False, small_numel: int = SMALL_NUMEL,
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    code: CodeBytes | None = None, hessians: Mapping[str, Any] | None = None,
-                   schemes: Mapping[str, str] | None = None) -> ArtifactInfo:
+                   schemes: Mapping[str, str] | None = None, clip_search: Sequence[float] = ()) -> ArtifactInfo:
     """Quantize ``model``, write the compressed artifact to ``path`` atomically and account for its bytes.
 
     ``config`` is the run's tgolf Config (or its ``to_dict()``); the reload rebuilds the model from it.
     An existing file is never replaced unless ``overwrite=True``. ``code`` defaults to ``count_code_bytes()``
     packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on
-    GPTQ for those matrices and ``schemes`` gives some matrices their own bits (see quantize_model).
+    GPTQ for those matrices, ``schemes`` gives some matrices their own bits and ``clip_search`` searches each
+    row's clip (see quantize_model).
     The artifact is decompressed and compared before it is kept.
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"artifact {path} already exists; pass overwrite=True to replace it")
     qtensors = quantize_model(model, scheme, small_numel=small_numel, small_dtype=small_dtype,
-                              clip_quantile=clip_quantile, hessians=hessians, schemes=schemes)
+                              clip_quantile=clip_quantile, hessians=hessians, schemes=schemes,
+                              clip_search=clip_search)
     meta = {"tgolf_version": tgolf.__version__, "export_scheme": scheme, "small_dtype": small_dtype,
-            "clip_quantile": clip_quantile, "gptq_tensors": len(hessians or {})}
+            "clip_quantile": None if clip_search else clip_quantile, "clip_search": list(clip_search),
+            "gptq_tensors": len(hessians or {})}
     blob = serialize(qtensors, _config_dict(config), meta)
     container, chosen, sizes = compress(blob, compressor)
     if decompress(container)[0] != blob:  # never keep an artifact that does not read back

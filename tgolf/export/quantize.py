@@ -15,8 +15,9 @@ What each state entry becomes (``quantize_model``):
 * every other float matrix (attention and MLP matrices of a dense model, the tied embedding): per-row symmetric
   int<bits> with the shared quantizer ``tgolf.ops.quant.reference.quantize_weight`` and the baseline's clip at the
   99.99984th percentile of |w| in each row (scheme ``"int<bits>"``; ``schemes`` gives some their own bits, e.g.
-  the embedding). A matrix with an input second moment in ``hessians`` keeps those scales and takes its codes from
-  GPTQ (``tgolf.export.gptq``).
+  the embedding). With ``clip_search`` each row instead takes, of those clip quantiles, the one whose round trip
+  has the least squared error (the records' "GPTQ-lite": ``CLIP_SEARCH_QUANTILES``). A matrix with an input
+  second moment in ``hessians`` keeps those scales and takes its codes from GPTQ (``tgolf.export.gptq``).
 
 Scales are float32 values exactly representable in fp16 (the quantizer rounds them through fp16; codes and scales
 taken from modules are checked), so the file stores them as fp16 without changing a single output.
@@ -28,7 +29,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -36,6 +37,9 @@ import torch.nn as nn
 from tgolf.ops.quant.reference import dequantize_weight, qmax_for_bits, quantize_weight
 
 BASELINE_CLIP_QUANTILE = 0.9999984  # the baseline's 99.99984th percentile of |w| per row
+# The five clip quantiles the records' "GPTQ-lite" export searches per row (openai/parameter-golf, the 1.1233
+# record, PR #414, and the stacks after it).
+CLIP_SEARCH_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 SMALL_NUMEL = 65_536
 FP16_MAX = 65504.0
 _QUANTILE_MAX_NUMEL = 1 << 24  # torch.quantile refuses larger inputs: quantize big matrices in row chunks
@@ -121,8 +125,23 @@ def _keep_float(name: str, tensor: torch.Tensor, small_dtype: str) -> QuantTenso
     return QuantTensor(scheme, tuple(tensor.shape), data=tensor.detach().to("cpu", dtype).contiguous())
 
 
-def quantize_rows(weight: torch.Tensor, bits: int, clip_quantile: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``quantize_weight`` of a 2-D matrix of any size (row chunks stay under torch.quantile's limit)."""
+def quantize_rows(weight: torch.Tensor, bits: int, clip_quantile: float | None,
+                  clip_search: Sequence[float] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``quantize_weight`` of a 2-D matrix of any size (row chunks stay under torch.quantile's limit).
+    With ``clip_search`` (clip quantiles), each row takes the candidate with the least squared round-trip error
+    (the first of equals), and ``clip_quantile`` is unused."""
+    if clip_search:
+        best: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        for quantile in clip_search:
+            codes, scales = quantize_rows(weight, bits, quantile)
+            error = (dequantize_weight(codes, scales, None) - weight.cpu().float()).square().sum(1)
+            if best is None:
+                best = codes, scales, error
+                continue
+            better = error < best[2]
+            best = (torch.where(better[:, None], codes, best[0]), torch.where(better[:, None], scales, best[1]),
+                    torch.minimum(error, best[2]))
+        return best[0], best[1]
     rows_per_chunk = max(1, _QUANTILE_MAX_NUMEL // max(1, weight.shape[1]))
     parts = [quantize_weight(chunk, bits, clip_quantile=clip_quantile) for chunk in weight.split(rows_per_chunk)]
     return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
@@ -193,12 +212,14 @@ def part_schemes(model: nn.Module, embed_scheme: str = "", mlp_scheme: str = "")
 def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SMALL_NUMEL,
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    hessians: Mapping[str, torch.Tensor] | None = None,
-                   schemes: Mapping[str, str] | None = None) -> dict[str, QuantTensor]:
+                   schemes: Mapping[str, str] | None = None,
+                   clip_search: Sequence[float] = ()) -> dict[str, QuantTensor]:
     """Every state entry of ``model`` as a QuantTensor, in state_dict order (see the module docstring).
 
     ``hessians``: ``{state name: H [K, K]}`` from ``tgolf.export.gptq.collect_hessians``; ``schemes``: ``{state
     name: "int<bits>"}`` for float matrices stored with other bits than ``scheme`` (e.g. the embedding, to which
-    the score is the most sensitive; a tensor small enough to stay float ignores it). A hessian for a tensor that
+    the score is the most sensitive; a tensor small enough to stay float ignores it); ``clip_search``: clip
+    quantiles searched per row instead of ``clip_quantile`` (see ``quantize_rows``). A hessian for a tensor that
     is not an int matrix of this export, or a scheme for a name the model lacks, raises ValueError.
     """
     bits = _int_bits(scheme, "scheme")
@@ -230,7 +251,7 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
             else:
                 _check_finite(name, tensor)
                 own_bits = tensor_bits.pop(name, bits)
-                codes, scales = quantize_rows(tensor.detach().float(), own_bits, clip_quantile)
+                codes, scales = quantize_rows(tensor.detach().float(), own_bits, clip_quantile, clip_search)
                 if name in hessians:
                     from tgolf.export.gptq import gptq_quantize  # only runs that calibrate import (and count) it
 

@@ -90,7 +90,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from tgolf.eval.bpb import evaluate
     from tgolf.export import CodeBytes, check_budget, count_code_bytes, load_artifact, write_artifact
     from tgolf.export.compress import check_available
-    from tgolf.export.quantize import part_schemes
+    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_schemes
 
     check_available(cfg.compressor)  # fail now, not after training
     if cfg.submission_dir:  # imported now, so that the code bytes counted before it is called include it
@@ -152,6 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
             info = write_artifact(artifact_path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                   compressor=cfg.compressor, overwrite=True, hessians=hessians,
                                   schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme),
+                                  clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else (),
                                   code=CodeBytes(total=0, files=()))  # counted below, after the roundtrip
         distributed.barrier()  # the other ranks read the artifact once it is written
         roundtrip_model, _ = load_artifact(artifact_path, env.device)
