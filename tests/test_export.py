@@ -15,13 +15,13 @@ from tgolf.export import artifact as artifact_mod
 from tgolf.export import quantize as quantize_mod
 from tgolf.export.artifact import (ArtifactInfo, BudgetExceeded, check_budget, load_artifact, read_artifact,
                                    write_artifact)
-from tgolf.export.codebytes import count_code_bytes
+from tgolf.export.codebytes import CodeBytes, count_code_bytes
 from tgolf.export.compress import NAMES, compress, compress_all, decompress
 from tgolf.export.format import MAGIC, VERSION, FormatError, deserialize, serialize
 from tgolf.export.packing import (TRIT_BLOCK, TRIT_BLOCK_BYTES, pack_base3, pack_bits, pack_fp16_adaptive, pack_trits,
                                   packed_trits_length, unpack_base3, unpack_bits, unpack_fp16_adaptive, unpack_trits)
 from tgolf.export.quantize import (BASELINE_CLIP_QUANTILE, CLIP_SEARCH_QUANTILES, QuantTensor, dequantize_model,
-                                   quantize_model, quantize_rows)
+                                   part_schemes, quantize_model, quantize_rows)
 from tgolf.export.submission import write_submission
 from tgolf.model import build_model
 from tgolf.ops.quant.reference import dequantize_weight, quantize_weight
@@ -97,6 +97,37 @@ def test_quantize_rows_chunked_equals_whole(monkeypatch):
     monkeypatch.setattr(quantize_mod, "_QUANTILE_MAX_NUMEL", 100)  # 3 rows per chunk
     chunked = quantize_rows(w, 6, BASELINE_CLIP_QUANTILE)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+
+
+@pytest.mark.parametrize("scheme,mlp,expected", [
+    ("int6", "", "66 65 55 54 44"), ("int6", "int5", "65 55 54 44"), ("int8", "int8", "88 87 77 76 66 65 55 54 44"),
+    ("int4", "int6", "46 45 44"), ("int6", "int4", "64 54 44"), ("int4", "", "44")])
+def test_fit_ladder_takes_a_bit_off_the_mlp_first(scheme, mlp, expected):
+    from tgolf.export.fit import bits_ladder
+
+    assert " ".join(a[3] + b[3] for a, b in bits_ladder(scheme, mlp)) == expected
+
+
+def test_fit_keeps_the_first_export_under_the_limit(tmp_path):
+    from tgolf.export.fit import write_fitting_artifact
+
+    model, config, path = random_gpt(), tiny_config(), tmp_path / "m.tgz"
+    sizes = {}
+    for other, mlp in (("int6", "int6"), ("int6", "int5"), ("int5", "int5")):
+        info = write_artifact(path, model, config, other, compressor="zlib", small_numel=SMALL, overwrite=True,
+                              schemes=part_schemes(model, "int8", mlp), code=CodeBytes(total=0, files=()))
+        sizes[other, mlp] = info.model_bytes
+    assert sizes["int6", "int6"] > sizes["int6", "int5"] > sizes["int5", "int5"]
+    lines: list[str] = []
+    fit = dict(scheme="int6", mlp_scheme="", embed_scheme="int8", code_bytes=100, log=lines.append,
+               compressor="zlib", small_numel=SMALL, code=CodeBytes(total=0, files=()))
+    info, other, mlp = write_fitting_artifact(path, model, config, limit=sizes["int6", "int5"] + 100, **fit)
+    assert (other, mlp, info.model_bytes) == ("int6", "int5", sizes["int6", "int5"]) and len(lines) == 1
+    assert "int6 matrices with int6 MLP" in lines[0] and "over the" in lines[0]
+    tensors, _, _ = read_artifact(path)  # the file on disk is the one that fit: int8 embedding, int5 MLP
+    assert tensors["tok_emb.weight"].scheme == "int8" and tensors["blocks.0.mlp.fc.weight"].scheme == "int5"
+    with pytest.raises(BudgetExceeded, match="even int4"):
+        write_fitting_artifact(path, model, config, limit=1000, **fit)
 
 
 def _row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

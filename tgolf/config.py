@@ -139,6 +139,7 @@ class Config:
     export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
     export_mlp_scheme: str = ""  # the MLP matrices'; "" = export_scheme (records: int5 MLP, int6 attention)
     gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
+    export_fit: bool = False  # over max_artifact_bytes: retry with fewer bits (MLP first, not the embedding) to int4
     export_clip_search: bool = False  # per row, the clip quantile (of 5) with the least round-trip error ("GPTQ-lite")
     compressor: str = "best"
     code_pack: str = "lzma"  # code bytes: lzma (one self-extracting script, as records ship theirs) | none (the files)
@@ -299,6 +300,7 @@ _RECORD: dict[str, Any] = dict(
     muon_momentum=0.99, muon_momentum_warmup_start=0.92, muon_momentum_warmup_steps=1500,
     muon_weight_decay=0.04, adam_weight_decay=0.04, grad_clip_norm=0.3, ema_decay=0.997,
     export_scheme="int6", export_embed_scheme="int8", eval_stride=64,
+    export_fit=True,  # tgolf's safety net, not the record's: same shapes trained here may export larger
 )
 
 # Presets: only the fields that differ from the dataclass defaults (which are the official baseline).

@@ -179,7 +179,8 @@ def _module_weight(name: str, module: nn.Module) -> QuantTensor:
                        group_size=group_size)
 
 
-def _int_bits(scheme: str, what: str) -> int:
+def int_bits(scheme: str, what: str) -> int:
+    """The bits of an ``int4``..``int8`` scheme; ValueError naming ``what`` otherwise."""
     match = re.fullmatch(r"int([4-8])", scheme)
     if match is None:
         raise ValueError(f"{what}={scheme!r}: expected int4..int8")
@@ -222,8 +223,8 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
     quantiles searched per row instead of ``clip_quantile`` (see ``quantize_rows``). A hessian for a tensor that
     is not an int matrix of this export, or a scheme for a name the model lacks, raises ValueError.
     """
-    bits = _int_bits(scheme, "scheme")
-    tensor_bits = {name: _int_bits(value, f"schemes[{name!r}]") for name, value in (schemes or {}).items()}
+    bits = int_bits(scheme, "scheme")
+    tensor_bits = {name: int_bits(value, f"schemes[{name!r}]") for name, value in (schemes or {}).items()}
     if small_dtype not in ("fp16", "fp32"):
         raise ValueError(f"small_dtype={small_dtype!r}: expected 'fp16' or 'fp32'")
     model = unwrap_model(model)

@@ -20,6 +20,11 @@ from tgolf.train.logging import RunLogger
 from tgolf.train.loop import Trainer, autocast_context
 
 
+# Code bytes the export fit allows for modules the run imports after it (its code is counted at the end; on a
+# smoke run with TTT the final count equalled the estimate without this slack).
+FIT_CODE_SLACK = 4096
+
+
 def resolve_data(cfg: Config, env: DistEnv, logger: RunLogger) -> tuple[str, str]:
     """The shards folder and tokenizer; without DATA_PATH, the embedded default corpus (prepared once, cached)."""
     if cfg.data_path:
@@ -69,6 +74,31 @@ def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, 
     return {name: hessians[name] for name in names}
 
 
+def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | None, logger: RunLogger
+           ) -> tuple[Any, tuple[str, str]]:
+    """The artifact (its code bytes are counted later, once the roundtrip has imported everything), and the
+    schemes of the matrices and the MLP matrices it has: the configured ones, or with ``export_fit`` the first
+    of fewer bits that fit."""
+    from tgolf.export import CodeBytes, count_code_bytes, write_artifact
+    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_schemes
+
+    options = dict(compressor=cfg.compressor, hessians=hessians, code=CodeBytes(total=0, files=()),
+                   clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else ())
+    if not cfg.export_fit:
+        info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True,
+                              schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme), **options)
+        return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
+    from tgolf.export.fit import write_fitting_artifact
+
+    if cfg.ttt_enabled:
+        import tgolf.eval.ttt  # noqa: F401  (imported now, so that the code estimate counts it)
+    code = count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()).total + FIT_CODE_SLACK
+    info, other, mlp = write_fitting_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme,
+                                              mlp_scheme=cfg.export_mlp_scheme, embed_scheme=cfg.export_embed_scheme,
+                                              limit=cfg.max_artifact_bytes, code_bytes=code, log=logger.log, **options)
+    return info, (other, mlp)
+
+
 def score_first_ttt(cfg: Config, model: torch.nn.Module, val_tokens: torch.Tensor, tables: Any, env: DistEnv,
                     logger: RunLogger, roundtrip: dict) -> Any:
     """The roundtrip model scored while adapted to the val tokens already scored (tgolf.eval.ttt), in place."""
@@ -88,9 +118,8 @@ def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.loader import TokenLoader, load_val_tokens
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.bpb import evaluate
-    from tgolf.export import CodeBytes, check_budget, count_code_bytes, load_artifact, write_artifact
+    from tgolf.export import check_budget, count_code_bytes, load_artifact
     from tgolf.export.compress import check_available
-    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_schemes
 
     check_available(cfg.compressor)  # fail now, not after training
     if cfg.submission_dir:  # imported now, so that the code bytes counted before it is called include it
@@ -147,13 +176,10 @@ def run(cfg: Config) -> dict[str, Any]:
             logger.log(f"gptq: input second moments of {len(hessians)} matrices on {cfg.gptq_tokens:,} training "
                        f"tokens in {1000 * gptq_seconds:.0f}ms")
         artifact_path = run_dir / "model.tgolf"
-        info = None
+        info, schemes = None, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
         if env.is_main:
-            info = write_artifact(artifact_path, model, cfg.to_dict(), scheme=cfg.export_scheme,
-                                  compressor=cfg.compressor, overwrite=True, hessians=hessians,
-                                  schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme),
-                                  clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else (),
-                                  code=CodeBytes(total=0, files=()))  # counted below, after the roundtrip
+            info, schemes = export(cfg, model, artifact_path, hessians, logger)
+        schemes = distributed.broadcast_object(schemes)
         distributed.barrier()  # the other ranks read the artifact once it is written
         roundtrip_model, _ = load_artifact(artifact_path, env.device)
         post = validate(roundtrip_model, cfg.eval_stride)
@@ -177,7 +203,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "quantization_gap_bpb": post["val_bpb"] - pre["val_bpb"],
             "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
             "code_pack": info.code_pack, "code_bytes_raw": info.code_bytes_raw,
-            "compressor": info.compressor, "export_scheme": cfg.export_scheme, "artifact_path": str(artifact_path),
+            "compressor": info.compressor, "export_scheme": schemes[0], "export_mlp_scheme": schemes[1],
+            "artifact_path": str(artifact_path),
             "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
             "late_qat_step": result.late_qat_step,
