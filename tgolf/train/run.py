@@ -118,7 +118,7 @@ def run(cfg: Config) -> dict[str, Any]:
     from tgolf.data.loader import TokenLoader, load_val_tokens
     from tgolf.data.tokenizer import build_byte_tables
     from tgolf.eval.bpb import evaluate
-    from tgolf.export import check_budget, count_code_bytes, load_artifact
+    from tgolf.export import BudgetExceeded, check_budget, count_code_bytes, load_artifact
     from tgolf.export.compress import check_available
 
     check_available(cfg.compressor)  # fail now, not after training
@@ -176,11 +176,16 @@ def run(cfg: Config) -> dict[str, Any]:
             logger.log(f"gptq: input second moments of {len(hessians)} matrices on {cfg.gptq_tokens:,} training "
                        f"tokens in {1000 * gptq_seconds:.0f}ms")
         artifact_path = run_dir / "model.tgolf"
-        info, schemes = None, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
+        exported: tuple | BudgetExceeded | None = None
         if env.is_main:
-            info, schemes = export(cfg, model, artifact_path, hessians, logger)
-        schemes = distributed.broadcast_object(schemes)
-        distributed.barrier()  # the other ranks read the artifact once it is written
+            try:
+                exported = export(cfg, model, artifact_path, hessians, logger)
+            except BudgetExceeded as exc:  # raised on every rank below: the others wait in the broadcast
+                exported = exc
+        exported = distributed.broadcast_object(exported)  # the other ranks read the artifact once it is written
+        if isinstance(exported, BudgetExceeded):
+            raise exported
+        info, schemes = exported
         roundtrip_model, _ = load_artifact(artifact_path, env.device)
         post = validate(roundtrip_model, cfg.eval_stride)
         logger.log(f"roundtrip val_loss:{post['val_loss']:.4f} val_bpb:{post['val_bpb']:.4f} "
