@@ -279,6 +279,6 @@ def test_record_ttt_preset_is_the_record_stack_with_the_1194_records_changes():
     record, ttt = PRESETS["record"], Config(**PRESETS["record-ttt"]).validate()
     changed = {k for k, v in PRESETS["record-ttt"].items() if record.get(k) != v}
     assert changed == {"mlp_activation", "bigram_vocab_size", "value_embed_layers", "value_embed_dim",
-                       "warmdown_iters", "ttt_enabled"}
+                       "warmdown_iters", "export_clip_search", "ttt_enabled"}
     assert ttt.value_embed_indices() == [9, 10] and ttt.ttt_enabled and ttt.ttt_chunk_tokens == 32_768
     assert count_parameters(build_model(ttt)) == 26_928_218

@@ -315,13 +315,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "record": _RECORD,
     # The 1.1194 record (openai/parameter-golf PR #549, 2026-03-23): the `record` stack with LeakyReLU(0.5)², a
-    # 1536-row bigram table, value embeddings (128 dims) on layers 9 and 10, warmdown 3500, and score-first
-    # test-time training in its evaluation (PR #461's recipe: the ttt_* defaults). Left out: its parameter banking
-    # (a speed change), its tight SWA, its late QAT (QAT layers here: --linear qat6 --late-qat-threshold 0.15) and
-    # its GPTQ-lite clip search (the int6 export here rounds to nearest; --gptq-tokens runs full GPTQ).
+    # 1536-row bigram table, value embeddings (128 dims) on layers 9 and 10, warmdown 3500, the per-row clip
+    # search of its export ("GPTQ-lite") and score-first test-time training in its evaluation (PR #461's recipe:
+    # the ttt_* defaults). Left out: its parameter banking (a speed change), its tight SWA and its late QAT (QAT
+    # layers here: --linear qat6 --late-qat-threshold 0.15).
     "record-ttt": {**_RECORD, "mlp_activation": "leaky_relu2", "bigram_vocab_size": 1536,
                    "value_embed_layers": "9,10", "value_embed_dim": 128, "warmdown_iters": 3500,
-                   "ttt_enabled": True},
+                   "export_clip_search": True, "ttt_enabled": True},
 }
 
 # The contest's environment variables (train_gpt.py names) map 1:1 to upper-cased field names; any field can be
