@@ -124,6 +124,11 @@ def score_windows(model: torch.nn.Module, val_tokens: torch.Tensor, starts: np.n
         model.train(was_training)
 
 
+def rank_share(count: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[lo, hi): this rank's contiguous share of ``count`` items (shares differ by at most one)."""
+    return count * rank // world_size, count * (rank + 1) // world_size
+
+
 def require_group(caller: str, world_size: int) -> None:
     if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"{caller}(world_size={world_size}) needs an initialized torch.distributed group")
@@ -140,7 +145,7 @@ def evaluate(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len: int, bat
     t0 = time.perf_counter()
     val_tokens = torch.as_tensor(val_tokens)
     starts, scored = plan_windows(val_tokens.numel() - 1, seq_len, stride)
-    lo, hi = len(starts) * rank // world_size, len(starts) * (rank + 1) // world_size
+    lo, hi = rank_share(len(starts), rank, world_size)
     window = min(seq_len, val_tokens.numel() - 1)
     per_batch = max(1, min(batch_tokens // (world_size * window), hi - lo))
     totals = Totals(device)

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from tgolf.data.tokenizer import ByteTables
-from tgolf.eval.bpb import EvalResult, Totals, autocast_for, plan_windows, require_group, score_windows
+from tgolf.eval.bpb import (EvalResult, Totals, autocast_for, plan_windows, rank_share, require_group,
+                            score_windows)
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,6 @@ def plan_chunks(starts: np.ndarray, scored: np.ndarray, window: int, chunk_token
     return [Chunk(int(lo), int(hi), int(firsts[lo]), int(ends[hi - 1])) for lo, hi in zip(lows, highs)]
 
 
-def _share(count: int, rank: int, world_size: int) -> tuple[int, int]:
-    return count * rank // world_size, count * (rank + 1) // world_size
-
-
 def _frozen(model: torch.nn.Module, freeze_blocks: int) -> list[torch.nn.Parameter]:
     """The parameters of the first ``freeze_blocks`` blocks (which TTT leaves as they are)."""
     if not freeze_blocks:
@@ -116,7 +113,7 @@ def _train_chunk(model: torch.nn.Module, val_tokens: torch.Tensor, chunk: Chunk,
     for _ in range(settings.epochs):
         for first in range(0, num_seqs, settings.batch_seqs):
             count = min(settings.batch_seqs, num_seqs - first)
-            lo, hi = _share(count, rank, world_size)
+            lo, hi = rank_share(count, rank, world_size)
             rows = first + lo + torch.arange(-(-count // world_size))  # the same rows on every rank; extras masked
             targets = chunk.first_target + rows[:, None] * seq_len + offsets
             mask = (rows[:, None] < first + hi) & (targets < chunk.end_target)
@@ -168,7 +165,7 @@ def evaluate_ttt(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len: int,
     try:
         for index, chunk in enumerate(chunks):
             started = time.perf_counter()
-            lo, hi = _share(chunk.end_window - chunk.first_window, rank, world_size)
+            lo, hi = rank_share(chunk.end_window - chunk.first_window, rank, world_size)
             lo, hi = chunk.first_window + lo, chunk.first_window + hi
             totals = Totals(device)
             score_windows(model, val_tokens, starts[lo:hi], scored[lo:hi], window, per_batch, tables, device, totals)
