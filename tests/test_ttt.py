@@ -226,3 +226,18 @@ def test_eval_cli_runs_ttt_on_an_artifact(tmp_path, capsys, monkeypatch, shared_
     assert "chunks" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert eval_main([*flags, "--ttt-enabled", "--stateful"]) == 1
     assert "choose one" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss", ["reference", "fused"])
+def test_ttt_on_a_gpu_under_bf16_autocast(loss):
+    """On CUDA the scoring and the training run under bf16 autocast, through the chosen loss's kernels."""
+    cfg = Config(vocab_size=VOCAB, num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, train_seq_len=SEQ,
+                 loss=loss)
+    torch.manual_seed(0)
+    model, tokens = build_model(cfg).cuda(), repeated_stream()
+    plain = evaluate(model, tokens, SEQ, 64, tables(), "cuda", stride=8)
+    untrained = evaluate_ttt(model, tokens, SEQ, 64, tables(), "cuda", settings(lr=0.0), stride=8)
+    assert untrained.val_bpb == pytest.approx(plain.val_bpb, rel=1e-9) and untrained.tokens == plain.tokens
+    adapted = evaluate_ttt(model, tokens, SEQ, 64, tables(), "cuda", settings(), stride=8)
+    assert adapted.adapted_chunks == 11 and adapted.val_bpb < 0.75 * plain.val_bpb
