@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from tgolf.data.tokenizer import ByteTables
+from tgolf.train.distributed import any_rank
 from tgolf.eval.bpb import (EvalResult, Totals, autocast_for, plan_windows, rank_share, require_group,
                             score_windows)
 
@@ -87,9 +88,10 @@ def _frozen(model: torch.nn.Module, freeze_blocks: int) -> list[torch.nn.Paramet
     return [p for block in blocks[:freeze_blocks] for p in block.parameters()]
 
 
-def _all_reduce(tensor: torch.Tensor, world_size: int, op: Any = dist.ReduceOp.SUM) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """In place: the sum over ranks."""
     if world_size > 1:
-        dist.all_reduce(tensor, op=op)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
@@ -210,8 +212,7 @@ def _out_of_time(elapsed: float, mean_score: float, mean_adapt: float, chunks_le
     """Whether training on the current chunk, then scoring the ``chunks_left`` after it, would overrun
     ``max_seconds``, judged from the mean times so far; a rank out of time stops them all."""
     late = elapsed + mean_adapt + mean_score * chunks_left > max_seconds
-    flag = _all_reduce(torch.tensor([int(late)], device=device), world_size, dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_rank([late], device)[0] if world_size > 1 else late
 
 
 def _progress(sums: torch.Tensor, done: int, total: int, adapted: int, seconds: float, world_size: int) -> str:
