@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -48,6 +49,7 @@ def setup(device_pref: str = "auto") -> DistEnv:
 def teardown() -> None:
     if dist.is_initialized():
         dist.barrier()
+        gc.collect()  # DDP wrappers already released (Trainer.close) must go before their group: see there
         dist.destroy_process_group()
 
 

@@ -159,6 +159,7 @@ def run(cfg: Config) -> dict[str, Any]:
             trainer.warmup()
         result = trainer.run()
         trainer.load_average()
+        trainer.close()
         distributed.check_replicas_agree(model, env.device)
         if env.enabled:
             logger.log(f"all {env.world_size} ranks agree on the trained parameters")
