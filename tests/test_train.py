@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,9 @@ from tgolf.train import checkpoint, loop
 from tgolf.train.distributed import DistEnv
 from tgolf.train.logging import RunLogger
 from tgolf.train.loop import NonFiniteLoss, Preempted, Trainer
-from tgolf.train.optim import Muon, split_parameters, zeropower_newton_schulz
+from tgolf.train.optim import Muon, split_parameters
+from tgolf.train.orthogonalize import (NEWTON_SCHULZ, evaluate_quintic, muon_polynomials, optimal_odd_quintic,
+                                      orthogonalize, polar_express_coefficients)
 from tgolf.train.schedule import lr_scale
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -55,9 +58,60 @@ def test_step_keyed_warmdown_without_a_cap():
 
 def test_newton_schulz_orthogonalises():
     g = torch.randn(24, 40, dtype=torch.float64)
-    x = zeropower_newton_schulz(g, steps=10)
+    x = orthogonalize(g, muon_polynomials("newton_schulz", 10))
     singular = torch.linalg.svdvals(x.double())
     assert singular.min() > 0.5 and singular.max() < 1.5  # the quintic iteration lands near 1, not exactly
+
+
+def test_polar_express_reproduces_the_papers_first_polynomial():
+    # Amsel et al. 2025 (arXiv:2505.16932), for singular values in [0.001, 1] with their cushion, before the safety
+    # factor: p1(x) = 8.28721201814563 x - 23.595886519098837 x³ + 17.300387312530933 x⁵
+    first = polar_express_coefficients(5, safety=1.0)[0]
+    assert first == pytest.approx((8.28721201814563, -23.595886519098837, 17.300387312530933), rel=1e-9)
+    guarded = polar_express_coefficients(5)
+    assert guarded[0] == pytest.approx((first[0] / 1.01, first[1] / 1.01 ** 3, first[2] / 1.01 ** 5))
+    assert guarded[-1] == polar_express_coefficients(5, safety=1.0)[-1]  # the last step lands centred on 1
+
+
+@pytest.mark.parametrize("lower, upper", [(0.02, 1.0), (0.3, 1.7), (0.999, 1.001), (0.5, 0.5001)])
+def test_optimal_odd_quintic_is_minimax(lower, upper):
+    quintic, error = optimal_odd_quintic(lower, upper)
+    x = np.linspace(lower, upper, 200_001)
+    worst = np.abs(1 - evaluate_quintic(quintic, x)).max()
+    assert worst == pytest.approx(error, rel=1e-6, abs=1e-12)
+    # no quintic does better: perturbing the coefficients raises the worst error
+    for delta in np.eye(3) * 1e-4:
+        nudged = tuple(q + d * abs(q) for q, d in zip(quintic, delta))
+        assert np.abs(1 - evaluate_quintic(nudged, x)).max() > worst - 1e-12
+
+
+def test_polar_express_lands_every_singular_value_near_one():
+    # singular values spread from 0.001 to 0.35 of the Frobenius norm (the scale orthogonalize divides by). Each
+    # step applies its quintic to every singular value: 5 Newton–Schulz steps leave the smallest near 0.47, Polar
+    # Express lands all of them in [0.852, 1.124] (the paper's [0.876, 1.124], lowered by the safety factor)
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(48, 48, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(64, 48, dtype=torch.float64))
+    spectrum = torch.logspace(-3, 0, 48, dtype=torch.float64)
+    spectrum = (spectrum / spectrum.norm()).clamp(min=1.001e-3)
+    g = u @ torch.diag(spectrum * 7.0) @ v.T
+    landed = {}
+    for backend in ("newton_schulz", "polar_express"):
+        polynomials = muon_polynomials(backend, 5)
+        expected = spectrum / spectrum.norm()
+        for quintic in polynomials:
+            expected = evaluate_quintic(quintic, expected)
+        landed[backend] = torch.linalg.svdvals(orthogonalize(g, polynomials).double())
+        torch.testing.assert_close(landed[backend], expected.sort(descending=True).values, rtol=1e-4, atol=1e-4)
+    assert 0.85 < landed["polar_express"].min() and landed["polar_express"].max() < 1.13
+    assert landed["newton_schulz"].min() < 0.5
+
+
+def test_muon_backend_is_checked():
+    with pytest.raises(ValueError, match="muon backend 'newton'"):
+        Muon([torch.nn.Parameter(torch.randn(4, 4))], lr=0.1, momentum=0.9, backend="newton")
+    with pytest.raises(ValueError, match="muon_backend='newton'"):
+        Config(**{**TINY, "muon_backend": "newton"}).validate()
 
 
 def test_parameter_split_puts_block_matrices_in_muon():
@@ -77,32 +131,35 @@ def test_muon_step_moves_weights_by_lr_sized_orthogonal_update():
     assert torch.linalg.svdvals(delta).max() < 1.5 and delta.abs().sum() > 0
 
 
-def _muon_one_matrix_at_a_time(params, grads_per_step, lr, momentum):
-    """Muon as the baseline writes it: momentum, Nesterov, then one Newton–Schulz pass per matrix."""
+def _muon_one_matrix_at_a_time(params, grads_per_step, lr, momentum, polynomials):
+    """Muon as the baseline writes it: momentum, Nesterov, then one orthogonalisation per matrix."""
     bufs = [torch.zeros_like(p) for p in params]
     for grads in grads_per_step:
         for p, g, buf in zip(params, grads, bufs):
             buf.mul_(momentum).add_(g)
-            update = zeropower_newton_schulz(g.add(buf, alpha=momentum), 5)
+            update = orthogonalize(g.add(buf, alpha=momentum), polynomials)
             p.sub_(lr * max(1.0, p.size(0) / p.size(1)) ** 0.5 * update)
 
 
-def test_muon_batches_by_shape_without_changing_the_updates():
+@pytest.mark.parametrize("backend", ["newton_schulz", "polar_express"])
+def test_muon_batches_by_shape_without_changing_the_updates(backend):
     torch.manual_seed(0)
     shapes = [(16, 24), (24, 16), (16, 24), (8, 8), (24, 16), (16, 24)]  # repeated shapes, both aspect ratios
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     expected = [p.detach().clone() for p in params]
     grads_per_step = [[torch.randn(s) for s in shapes] for _ in range(3)]
-    opt = Muon(params, lr=0.05, momentum=0.9)
+    opt = Muon(params, lr=0.05, momentum=0.9, backend=backend)
     for grads in grads_per_step:
         for p, g in zip(params, grads):
             p.grad = g.clone()
         opt.step()
-    _muon_one_matrix_at_a_time(expected, grads_per_step, lr=0.05, momentum=0.9)
+    _muon_one_matrix_at_a_time(expected, grads_per_step, lr=0.05, momentum=0.9,
+                               polynomials=muon_polynomials(backend, 5))
     for p, e in zip(params, expected):
         assert torch.allclose(p.detach(), e, rtol=1e-5, atol=1e-6)
     batch = torch.randn(3, 24, 16)
-    assert torch.allclose(zeropower_newton_schulz(batch), torch.stack([zeropower_newton_schulz(m) for m in batch]),
+    polynomials = muon_polynomials(backend, 5)
+    assert torch.allclose(orthogonalize(batch, polynomials), torch.stack([orthogonalize(m, polynomials) for m in batch]),
                           rtol=1e-5, atol=1e-6)
 
 

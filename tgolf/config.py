@@ -22,6 +22,7 @@ FEATURE_MAPS = ("identity", "elu1", "relu", "taylor", "hedgehog")  # tgolf.ops.l
 LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int7", "int6", "int5", "int4")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
+MUON_BACKENDS = ("newton_schulz", "polar_express")  # tgolf.train.orthogonalize
 CODE_PACKS = ("lzma", "none")  # tgolf.export.codepack's self-extracting script, or the source files as they are
 
 _LINEAR_KIND = re.compile(r"(?P<family>[a-z0-9]+?)(?:-g(?P<group>[0-9]+))?(?P<row>-row)?")
@@ -119,6 +120,7 @@ class Config:
     scalar_lr: float = 0.04
     muon_momentum: float = 0.95
     muon_backend_steps: int = 5
+    muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step minimax quintics, arXiv:2505.16932)
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     beta1: float = 0.9
@@ -193,7 +195,7 @@ class Config:
             "export_embed_scheme": ("", *EXPORT_SCHEMES), "export_mlp_scheme": ("", *EXPORT_SCHEMES),
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
             "mix_order_reduction": ("auto", "on", "off"),
-            "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS,
+            "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS, "muon_backend": MUON_BACKENDS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -28,7 +28,7 @@ _NAME_RULES = (
     ("quantization", re.compile(r"quant|ternary|absmean|pack2|unpack|round|fp8_cast|to_fp8", re.I)),
     ("norm", re.compile(r"rms_?norm|layer_?norm|group_?norm|batch_?norm|aten::norm\b|linalg_vector_norm|rsqrt",
                         re.I)),
-    ("optimizer", re.compile(r"adam|muon|newton_?schulz|zeropower|multi_tensor_apply|_foreach_", re.I)),
+    ("optimizer", re.compile(r"adam|muon|newton_?schulz|zeropower|orthogonali[sz]e|multi_tensor_apply|_foreach_", re.I)),
 )
 
 

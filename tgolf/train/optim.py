@@ -1,7 +1,8 @@
 """Muon for the 2-D matrices of the blocks, Adam(W) for embeddings, head and scalars (as the baseline).
 
 Muon (Jordan et al., 2024, "Muon: An optimizer for hidden layers"): SGD momentum whose update is
-orthogonalised by a quintic Newton–Schulz iteration. Under DDP each rank orthogonalises a disjoint
+orthogonalised by a few steps of an odd quintic polynomial (``tgolf.train.orthogonalize``: Newton–Schulz, or the
+Polar Express polynomials with ``muon_backend="polar_express"``). Under DDP each rank orthogonalises a disjoint
 share of the matrices and one all-reduce of a flat buffer gives every rank every update.
 """
 from __future__ import annotations
@@ -10,23 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-# Quintic Newton–Schulz coefficients tuned for fast convergence of the singular values towards 1 (Muon).
-_NS_COEFFS = (3.4445, -4.7750, 2.0315)
-
-
-def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately U·Vᵀ of each matrix g = U·S·Vᵀ of ``g`` ([rows, cols] or a batch [n, rows, cols] of one
-    shape); bf16 on GPUs (as Muon does), fp32 on the CPU."""
-    a, b, c = _NS_COEFFS
-    x = g.bfloat16() if g.is_cuda else g.float()
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    transposed = g.size(-2) > g.size(-1)
-    if transposed:
-        x = x.mT
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.mT if transposed else x
+from tgolf.train.orthogonalize import muon_polynomials, orthogonalize
 
 
 class Muon(torch.optim.Optimizer):
@@ -38,9 +23,10 @@ class Muon(torch.optim.Optimizer):
     batch; one all-reduce of the buffer gives every rank every update."""
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, backend: str = "newton_schulz"):
+        muon_polynomials(backend, backend_steps)  # a bad backend fails here, not at the first step
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, backend=backend))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -72,7 +58,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_add_(ordered, [u.view_as(p) for u, p in zip(updates, ordered)], alpha=-group["lr"])
 
     def _orthogonalised(self, group: dict, params: list[torch.Tensor]) -> torch.Tensor:
-        """Momentum (Nesterov by default), then one Newton–Schulz pass over the batch of these same-shape matrices,
+        """Momentum (Nesterov by default), then one orthogonalisation of the batch of these same-shape matrices,
         scaled to equal RMS across aspect ratios: [len(params), rows, cols]."""
         grads = [p.grad for p in params]
         bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
@@ -80,7 +66,7 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
         rows, cols = params[0].shape
-        ortho = zeropower_newton_schulz(torch.stack(updates), group["backend_steps"])
+        ortho = orthogonalize(torch.stack(updates), muon_polynomials(group["backend"], group["backend_steps"]))
         return ortho * max(1.0, rows / cols) ** 0.5
 
 
@@ -116,7 +102,7 @@ def build_optimizers(cfg, model: nn.Module) -> list[torch.optim.Optimizer]:
     adam = torch.optim.AdamW([g for g in adam_groups if g["params"]], betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.adam_eps, **fused)
     muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=cfg.muon_momentum, backend_steps=cfg.muon_backend_steps,
-                weight_decay=cfg.muon_weight_decay)
+                weight_decay=cfg.muon_weight_decay, backend=cfg.muon_backend)
     optimizers: list[torch.optim.Optimizer] = [adam, muon]
     for opt in optimizers:
         for group in opt.param_groups:
