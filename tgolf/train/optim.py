@@ -25,8 +25,11 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
                  weight_decay: float = 0.0, backend: str = "newton_schulz"):
         muon_polynomials(backend, backend_steps)  # a bad backend fails here, not at the first step
+        # not a param-group entry: a checkpoint's groups replace the live ones on resume, and the backend is the
+        # run's configuration, not state
+        self.backend = backend
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
-                                      weight_decay=weight_decay, backend=backend))
+                                      weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,7 +69,7 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_add_(bufs, grads)
         updates = torch._foreach_add(grads, bufs, alpha=group["momentum"]) if group["nesterov"] else bufs
         rows, cols = params[0].shape
-        ortho = orthogonalize(torch.stack(updates), muon_polynomials(group["backend"], group["backend_steps"]))
+        ortho = orthogonalize(torch.stack(updates), muon_polynomials(self.backend, group["backend_steps"]))
         return ortho * max(1.0, rows / cols) ** 0.5
 
 
