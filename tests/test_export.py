@@ -130,6 +130,23 @@ def test_fit_keeps_the_first_export_under_the_limit(tmp_path):
         write_fitting_artifact(path, model, config, limit=1000, **fit)
 
 
+@pytest.mark.parametrize("linear", ["qat6", "ternary"])
+def test_fit_does_not_retry_layers_that_export_their_own_codes(tmp_path, linear):
+    # QAT and ternary layers export the codes they trained with: no export scheme changes them, so the fit tries
+    # once and says why it cannot shrink, instead of writing the same bytes down the whole ladder
+    from tgolf.export.fit import write_fitting_artifact
+    from tgolf.export.quantize import rounded_matrix_names
+
+    model, config = random_gpt(linear=linear), tiny_config(linear=linear)
+    assert rounded_matrix_names(model, SMALL) == ["tok_emb.weight"]
+    lines: list[str] = []
+    with pytest.raises(BudgetExceeded, match="no matrix has bits to take away: the attention and MLP matrices are"):
+        write_fitting_artifact(tmp_path / "m.tgz", model, config, scheme="int6", mlp_scheme="", embed_scheme="int8",
+                               limit=1000, code_bytes=0, log=lines.append, compressor="zlib", small_numel=SMALL,
+                               code=CodeBytes(total=0, files=()))
+    assert len(lines) == 1  # one export, not one per rung of the ladder
+
+
 def _row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (dequantize_weight(codes, scales) - w).square().sum(1)
 

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from tgolf.export.artifact import ArtifactInfo, BudgetExceeded, write_artifact
-from tgolf.export.quantize import int_bits, part_schemes
+from tgolf.export.quantize import (SMALL_NUMEL, embedding_names, int_bits, mlp_matrix_names, part_schemes,
+                                   rounded_matrix_names)
 
 MIN_BITS = 4
 
@@ -38,10 +39,19 @@ def write_fitting_artifact(path: str | os.PathLike, model: nn.Module, config: An
                            **options: Any) -> tuple[ArtifactInfo, str, str]:
     """Write the first artifact of ``bits_ladder`` whose model bytes plus ``code_bytes`` (an estimate: the run
     counts its code once everything is imported) fit in ``limit``; returns it with its two schemes. The
-    embedding stays at ``embed_scheme`` ("" = ``scheme``). ``options`` go to ``write_artifact``.
-    BudgetExceeded when even int4 matrices do not fit."""
+    embedding stays at ``embed_scheme`` ("" = ``scheme``). ``options`` go to ``write_artifact``. A step that
+    changes no tensor (QAT and ternary layers export the codes they trained with) is skipped. BudgetExceeded when
+    even int4 matrices do not fit, or when no matrix has bits to take away."""
+    rounded = set(rounded_matrix_names(model, options.get("small_numel", SMALL_NUMEL)))
+    mlp_names = set(mlp_matrix_names(model))
+    steps_mlp, steps_other = bool(rounded & mlp_names), bool(rounded - mlp_names - set(embedding_names(model)))
+    tried: set[tuple[str | None, str | None]] = set()
     total = 0
     for other, mlp in bits_ladder(scheme, mlp_scheme):
+        effect = (other if steps_other else None, mlp if steps_mlp else None)
+        if effect in tried:
+            continue
+        tried.add(effect)
         info = write_artifact(path, model, config, other, overwrite=True,
                               schemes=part_schemes(model, embed_scheme or scheme, mlp), **options)
         total = info.model_bytes + code_bytes
@@ -49,6 +59,10 @@ def write_fitting_artifact(path: str | os.PathLike, model: nn.Module, config: An
             return info, other, mlp
         log(f"export fit: {other} matrices with {mlp} MLP give {info.model_bytes:,} B + code ~{code_bytes:,} B = "
             f"{total:,} B, over the {limit:,}-byte limit: trying fewer bits")
+    if not (steps_mlp or steps_other):
+        raise BudgetExceeded(f"export fit: {total:,} bytes, over the {limit:,}-byte limit, and no matrix has bits to "
+                             "take away: the attention and MLP matrices are QAT or ternary layers, which export the "
+                             "codes they trained with (train them with fewer bits)")
     raise BudgetExceeded(f"export fit: even int4 matrices give {total:,} bytes, over the {limit:,}-byte limit")
 
 

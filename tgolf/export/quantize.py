@@ -202,6 +202,22 @@ def mlp_matrix_names(model: nn.Module) -> list[str]:
             if ".mlp." in name and name.endswith(".weight") and tensor.dim() == 2]
 
 
+def _own_code_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The QAT and ternary layers by module name: they export the codes they trained with, whatever the scheme."""
+    return {prefix: m for prefix, m in model.named_modules()
+            if hasattr(m, "ternary_weight") or hasattr(m, "quantized_weight")}
+
+
+def rounded_matrix_names(model: nn.Module, small_numel: int = SMALL_NUMEL) -> list[str]:
+    """State names of the float matrices the export rounds to its int schemes: 2-D, over ``small_numel`` elements,
+    and not the weight of a QAT or ternary layer."""
+    model = unwrap_model(model)
+    own = _own_code_modules(model)
+    return [name for name, tensor in model.state_dict().items()
+            if name.rpartition(".")[0] not in own and tensor.is_floating_point() and tensor.dim() == 2
+            and tensor.numel() > small_numel]
+
+
 def part_schemes(model: nn.Module, embed_scheme: str = "", mlp_scheme: str = "") -> dict[str, str]:
     """``schemes`` for quantize_model: the embeddings' and the MLP matrices' own bits ("" = the export's)."""
     schemes = {name: mlp_scheme for name in mlp_matrix_names(model)} if mlp_scheme else {}
@@ -228,8 +244,8 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
     if small_dtype not in ("fp16", "fp32"):
         raise ValueError(f"small_dtype={small_dtype!r}: expected 'fp16' or 'fp32'")
     model = unwrap_model(model)
-    quantized = {prefix: m for prefix, m in model.named_modules()
-                 if hasattr(m, "ternary_weight") or hasattr(m, "quantized_weight")}
+    quantized = _own_code_modules(model)
+    rounded = set(rounded_matrix_names(model, small_numel))
     hessians = dict(hessians or {})
     out: dict[str, QuantTensor] = {}
     with torch.no_grad():
@@ -247,7 +263,7 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
                 continue
             if not tensor.is_floating_point():
                 out[name] = QuantTensor("raw", tuple(tensor.shape), data=tensor.detach().cpu().clone())
-            elif tensor.dim() != 2 or tensor.numel() <= small_numel:
+            elif name not in rounded:
                 out[name] = _keep_float(name, tensor, small_dtype)
             else:
                 _check_finite(name, tensor)
