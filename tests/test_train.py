@@ -284,6 +284,21 @@ def test_resume_continues_exactly(tmp_path, tiny_shards, extra):
         assert any(not torch.equal(a, last) for a, last in zip(_params(second), trained))
 
 
+def test_resume_takes_new_evaluation_and_export_settings_but_not_new_training(tmp_path, tiny_shards):
+    first = _trainer(tmp_path / "a", tiny_shards, iterations=3)
+    first.run()
+    folder = first._save_checkpoint()
+    # where it writes and how it scores and exports may change (a run preempted before its evaluation)
+    later = dict(run_id="again", ttt_enabled=True, ttt_lr=0.01, export_scheme="int6", export_fit=True,
+                 compressor="zlib", eval_stride=64, iterations=5)
+    resumed = _trainer(tmp_path / "b", tiny_shards, **later)
+    resumed.resume(str(folder))
+    assert resumed.step == 3
+    for field, value in [("matrix_lr", 0.01), ("seed", 7), ("mlp_activation", "leaky_relu2"), ("muon_backend_steps", 4)]:
+        with pytest.raises(ValueError, match=rf"config differs from the checkpoint's in \['{field}'\]"):
+            _trainer(tmp_path / field, tiny_shards, **{**later, field: value}).resume(str(folder))
+
+
 def test_sigterm_writes_a_checkpoint_that_resumes(tmp_path, tiny_shards):
     trainer = _trainer(tmp_path, tiny_shards, iterations=50)
     original = trainer.loader.next_batches

@@ -152,6 +152,19 @@ _NO_BUFFER_SYNC_PER_FORWARD = ({"forward_sync_buffers": False}
                                else {"broadcast_buffers": False})
 
 
+# Config fields a resumed run may change: none shapes the training steps still to come. The rest must equal the
+# checkpoint's (iterations may grow: a run stopped by time continues by time).
+_RESUME_MAY_CHANGE = frozenset({
+    "resume", "run_id", "out_dir", "submission_dir", "device", "compile", "mix_order_reduction", "profile_steps",
+    "max_wallclock_seconds", "iterations", "checkpoint_every", "val_loss_every", "train_log_every",
+    "val_batch_size", "val_tokens_limit", "eval_stride", "eval_seq_len", "gptq_tokens", "compressor", "code_pack",
+    "max_artifact_bytes"})
+
+
+def _resume_may_change(field: str) -> bool:
+    return field in _RESUME_MAY_CHANGE or field.startswith(("export_", "ttt_"))
+
+
 class Trainer:
     def __init__(self, cfg: Config, env: DistEnv, model: nn.Module, loader, logger: RunLogger,
                  validate: Callable[[nn.Module], dict], run_dir: Path):
@@ -237,12 +250,11 @@ class Trainer:
     def resume(self, path: str) -> None:
         ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
         mine, theirs = self.cfg.to_dict(), ckpt.config
-        ignored = {"resume", "max_wallclock_seconds", "iterations", "checkpoint_every", "submission_dir",
-                   "val_loss_every", "train_log_every", "out_dir", "compile", "mix_order_reduction", "device",
-                   "profile_steps"}
-        differing = sorted(k for k in mine if k not in ignored and mine[k] != theirs.get(k))
+        differing = sorted(k for k in mine if not _resume_may_change(k) and mine[k] != theirs.get(k))
         if differing:
-            raise ValueError(f"--resume {path}: config differs from the checkpoint's in {differing}")
+            raise ValueError(f"--resume {path}: config differs from the checkpoint's in {differing} (a resumed "
+                             "run may change only where it writes, how long it runs and logs, and how it "
+                             "evaluates and exports)")
         self.raw_model.load_state_dict(ckpt.model)
         if self.ema is not None:  # the config check above guarantees the checkpoint kept one
             self.ema.load_state_dict(ckpt.ema)
