@@ -140,11 +140,28 @@ def test_fit_does_not_retry_layers_that_export_their_own_codes(tmp_path, linear)
     model, config = random_gpt(linear=linear), tiny_config(linear=linear)
     assert rounded_matrix_names(model, SMALL) == ["tok_emb.weight"]
     lines: list[str] = []
-    with pytest.raises(BudgetExceeded, match="no matrix has bits to take away: the attention and MLP matrices are"):
+    with pytest.raises(BudgetExceeded, match="no matrix but the embedding has bits to take away: QAT and ternary"):
         write_fitting_artifact(tmp_path / "m.tgz", model, config, scheme="int6", mlp_scheme="", embed_scheme="int8",
                                limit=1000, code_bytes=0, log=lines.append, compressor="zlib", small_numel=SMALL,
                                code=CodeBytes(total=0, files=()))
     assert len(lines) == 1  # one export, not one per rung of the ladder
+
+
+def test_fit_steps_only_the_parts_that_have_rounded_matrices(tmp_path):
+    # attention matrices small enough to stay float: only the MLP's bits step down, and each export differs
+    from tgolf.export.fit import write_fitting_artifact
+    from tgolf.export.quantize import mlp_matrix_names, rounded_matrix_names
+
+    model, config = random_gpt(), tiny_config()
+    small = max(t.numel() for n, t in model.state_dict().items() if ".attn." in n)
+    assert set(rounded_matrix_names(model, small)) == {"tok_emb.weight", *mlp_matrix_names(model)}
+    lines: list[str] = []
+    with pytest.raises(BudgetExceeded, match="even int4"):
+        write_fitting_artifact(tmp_path / "m.tgz", model, config, scheme="int6", mlp_scheme="", embed_scheme="int8",
+                               limit=1000, code_bytes=0, log=lines.append, compressor="zlib", small_numel=small,
+                               code=CodeBytes(total=0, files=()))
+    assert [line.split(" give")[0] for line in lines] == [
+        f"export fit: int6 matrices with int{b} MLP" for b in (6, 5, 4)]
 
 
 def _row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -42,16 +42,18 @@ def write_fitting_artifact(path: str | os.PathLike, model: nn.Module, config: An
     embedding stays at ``embed_scheme`` ("" = ``scheme``). ``options`` go to ``write_artifact``. A step that
     changes no tensor (QAT and ternary layers export the codes they trained with) is skipped. BudgetExceeded when
     even int4 matrices do not fit, or when no matrix has bits to take away."""
-    rounded = set(rounded_matrix_names(model, options.get("small_numel", SMALL_NUMEL)))
+    small_numel = options.get("small_numel", SMALL_NUMEL)
+    rounded = set(rounded_matrix_names(model, small_numel))
     mlp_names = set(mlp_matrix_names(model))
     steps_mlp, steps_other = bool(rounded & mlp_names), bool(rounded - mlp_names - set(embedding_names(model)))
-    tried: set[tuple[str | None, str | None]] = set()
+    tried: set[tuple[str, str]] = set()
     total = 0
     for other, mlp in bits_ladder(scheme, mlp_scheme):
-        effect = (other if steps_other else None, mlp if steps_mlp else None)
-        if effect in tried:
+        # a part with no rounded matrix keeps its configured scheme: stepping it would change no byte
+        other, mlp = other if steps_other else scheme, mlp if steps_mlp else mlp_scheme or scheme
+        if (other, mlp) in tried:
             continue
-        tried.add(effect)
+        tried.add((other, mlp))
         info = write_artifact(path, model, config, other, overwrite=True,
                               schemes=part_schemes(model, embed_scheme or scheme, mlp), **options)
         total = info.model_bytes + code_bytes
@@ -60,9 +62,9 @@ def write_fitting_artifact(path: str | os.PathLike, model: nn.Module, config: An
         log(f"export fit: {other} matrices with {mlp} MLP give {info.model_bytes:,} B + code ~{code_bytes:,} B = "
             f"{total:,} B, over the {limit:,}-byte limit: trying fewer bits")
     if not (steps_mlp or steps_other):
-        raise BudgetExceeded(f"export fit: {total:,} bytes, over the {limit:,}-byte limit, and no matrix has bits to "
-                             "take away: the attention and MLP matrices are QAT or ternary layers, which export the "
-                             "codes they trained with (train them with fewer bits)")
+        raise BudgetExceeded(f"export fit: {total:,} bytes, over the {limit:,}-byte limit, and no matrix but the "
+                             "embedding has bits to take away: QAT and ternary layers export the codes they trained "
+                             f"with, and matrices of at most {small_numel:,} elements stay float")
     raise BudgetExceeded(f"export fit: even int4 matrices give {total:,} bytes, over the {limit:,}-byte limit")
 
 
