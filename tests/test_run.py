@@ -53,13 +53,14 @@ def test_over_budget_artifact_fails_before_any_submission(tmp_path, tiny_shards,
 
 
 def test_export_fit_that_cannot_fit_stops_every_rank(tmp_path, tiny_shards):
-    """Rank 0 exports alone; when even int4 does not fit, every rank must stop with the error, not wait."""
+    """Rank 0 exports alone; when the fit fails, every rank must stop with the error, not wait. (The tiny model's
+    matrices stay float, so the fit fails after one export: nothing but the embedding has bits to take away.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tgolf.train",
            *_flags(tiny_shards, tmp_path, "--run-id", "fit", "--grad-accum-steps", "1", "--iterations", "2",
                    "--export-fit", "--max-artifact-bytes", "1000")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and proc.stderr.count("export fit: even int4 matrices give") == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0 and proc.stderr.count("tgolf.train: export fit: ") == 2, proc.stderr[-3000:]
 
 
 def test_bad_flag_value_is_a_clear_error(tmp_path, capsys):
