@@ -344,6 +344,19 @@ def test_late_qat_switches_quantization_on_when_the_lr_scale_falls_below_the_thr
     assert _trainer(tmp_path / "o", tiny_shards, iterations=2, linear="qat6").run().late_qat_step is None
 
 
+def test_resume_after_the_late_qat_switch_keeps_quantization_and_its_step(tmp_path, tiny_shards):
+    from tgolf.nn.quant import QATLinear
+
+    late = dict(warmdown_iters=4, linear="qat6", late_qat_threshold=0.6)
+    first = _trainer(tmp_path / "a", tiny_shards, iterations=8, **late)
+    assert first.run().late_qat_step == 6
+    folder = first._save_checkpoint()
+    resumed = _trainer(tmp_path / "b", tiny_shards, iterations=10, **late)
+    resumed.resume(str(folder))
+    assert all(m.active for m in resumed.raw_model.modules() if isinstance(m, QATLinear))
+    assert resumed.run().late_qat_step == 6  # not 8, the first resumed step
+
+
 def test_late_qat_needs_qat_layers_and_a_threshold_in_range(tmp_path, tiny_shards):
     with pytest.raises(ValueError, match="late_qat_threshold=1.5"):
         Config(late_qat_threshold=1.5, linear="qat6").validate()

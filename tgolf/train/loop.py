@@ -245,7 +245,8 @@ class Trainer:
                                step=self.step, train_seconds=self.train_seconds, config=self.cfg.to_dict(),
                                model_state=model_state, optimizer_states=[o.state_dict() for o in self.optimizers],
                                loader_state=self.loader.state_dict(), barrier=distributed.barrier,
-                               ema_state=self.ema.state_dict() if self.ema is not None else None)
+                               ema_state=self.ema.state_dict() if self.ema is not None else None,
+                               late_qat_step=self.late_qat_step)
 
     def resume(self, path: str) -> None:
         ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
@@ -261,6 +262,9 @@ class Trainer:
         for opt, state in zip(self.optimizers, ckpt.optimizers):
             opt.load_state_dict(state)
         self.loader.load_state_dict(ckpt.loader)
+        if ckpt.late_qat_step is not None:  # quantized from the first resumed step, and reported as it happened
+            self._set_qat(True)
+            self.late_qat_step = ckpt.late_qat_step
         checkpoint.restore_rng(ckpt.rng)
         self.step, self.train_seconds = ckpt.step, ckpt.train_seconds
         self.logger.log(f"resumed from {checkpoint.resolve(path)} at step {self.step}, "
