@@ -44,6 +44,25 @@ def test_one_command_trains_exports_scores_and_packages(tmp_path, tiny_shards, c
     assert "step:2/6 train_loss:" in out and "roundtrip val_loss:" in out
 
 
+@pytest.mark.parametrize("stop, code", [("Preempted", 143), ("NonFiniteLoss", 3)])
+def test_a_run_stopped_in_training_releases_the_trainer_before_the_process_group(tmp_path, tiny_shards, monkeypatch,
+                                                                                  stop, code):
+    # DDP left for interpreter exit goes after its process group, and gloo then aborts the process: the exit code
+    # the run promises (143, 3) would become SIGABRT (see Trainer.close)
+    from tgolf.train import distributed, loop
+
+    calls: list[str] = []
+
+    def stopped(self):
+        raise getattr(loop, stop)("stopped here")
+
+    monkeypatch.setattr(loop.Trainer, "run", stopped)
+    monkeypatch.setattr(loop.Trainer, "close", lambda self: calls.append("close"))
+    monkeypatch.setattr(distributed, "teardown", lambda: calls.append("teardown"))
+    assert main(_flags(tiny_shards, tmp_path, "--run-id", "stop")) == code
+    assert calls == ["close", "teardown"]
+
+
 def test_over_budget_artifact_fails_before_any_submission(tmp_path, tiny_shards, capsys):
     sub = tmp_path / "submission"
     code = main(_flags(tiny_shards, tmp_path, "--run-id", "big", "--submission-dir", str(sub),

@@ -132,6 +132,7 @@ def run(cfg: Config) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     logger = RunLogger(run_dir / "train.log", enabled=env.is_main)
+    trainer: Trainer | None = None
     try:
         torch.manual_seed(cfg.seed)
         data_path, tokenizer_path = resolve_data(cfg, env, logger)
@@ -159,7 +160,7 @@ def run(cfg: Config) -> dict[str, Any]:
             trainer.warmup()
         result = trainer.run()
         trainer.load_average()
-        trainer.close()
+        trainer.close()  # DDP's gradient buckets are not needed for evaluation and export
         distributed.check_replicas_agree(model, env.device)
         if env.enabled:
             logger.log(f"all {env.world_size} ranks agree on the trained parameters")
@@ -240,4 +241,6 @@ def run(cfg: Config) -> dict[str, Any]:
         return summary
     finally:
         logger.close()
+        if trainer is not None:  # also when training stopped with an error: DDP goes before its group (see close)
+            trainer.close()
         distributed.teardown()
