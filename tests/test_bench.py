@@ -240,3 +240,26 @@ def test_compiled_layers_after_their_norm_are_checked_then_timed_beside_bf16(fam
     rows = run_case(case, RunOptions(device=torch.device("cpu"), quick=True, compile_anchors=True))
     assert [r["status"] for r in rows] == ["ok", "ok"] and all(r["rel_err"] <= case.tol for r in rows)
     assert all(r["anchors"]["compiled_bf16"]["status"] == "ok" for r in rows)
+
+
+def test_document_attention_case_checks_tgolfs_path_and_packs_documents_for_varlen():
+    """The case behind ``--doc-attention``: the candidate passes its reference check on the CPU (the boolean mask),
+    and the varlen anchor's untimed packing lays the documents end to end with one offset per document start."""
+    from tgolf.bench.attention import _packed, cases
+    from tgolf.data.tokenizer import BOS_ID
+
+    case = cases("quick")[0]
+    q, k, v, ids = case.make_inputs(torch.device("cpu"), 1)
+    assert 2 < int((ids == BOS_ID).sum()) < ids.numel() // 2  # several documents, most of them longer than one
+    rows = run_case(case, RunOptions(device=torch.device("cpu"), quick=True))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert [r["anchors"]["varlen"]["status"] for r in rows] == ["skipped: needs CUDA"] * 2
+
+    ids = torch.full((2, 6), BOS_ID + 1)
+    ids[0, 3] = ids[1, 0] = ids[1, 1] = BOS_ID
+    q = torch.arange(2 * 2 * 6 * 1.0).view(2, 2, 6, 1)  # [B, H, T, D], value = its flat index
+    k = v = q[:, :1]  # one KV head, repeated for varlen
+    pq, pk, _, offsets, longest = _packed((q, k, v, ids))
+    assert offsets.tolist() == [0, 3, 6, 7, 12] and longest == 5
+    assert torch.equal(pq[:, :, 0], q[..., 0].transpose(1, 2).reshape(12, 2))
+    assert torch.equal(pk[:, 0], pk[:, 1])

@@ -272,6 +272,10 @@ def test_trace_without_steps_is_refused():
     ("triton_per_fused__to_copy_mean_mul_pow_rsqrt_3", "kernel", (), "norm"),
     ("triton_poi_fused_abs_amax_clamp_div_round_1", "kernel", (), "quantization"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "kernel", (), "attention"),
+    # inductor's flex attention (--doc-attention on a GPU): a template kernel, named after the op it lowers
+    # (meta-pytorch/tritonbench PRs #939, #940 time these two names); not a GEMM despite triton_tem_
+    ("triton_tem_fused_flex_attention_0", "kernel", (), "attention"),
+    ("triton_tem_fused_flex_attention_backward_zeros_1", "kernel", (), "attention"),
 ])
 def test_categories(name, cat, ranges, expected):
     assert categorize(name, cat, ranges) == expected

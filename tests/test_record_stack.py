@@ -1,6 +1,6 @@
 """The records' additions to the baseline: partial RoPE, XSA, LN scale, SmearGate, bigram hash table, value
-embeddings, orthogonal init, weight decay and the weight EMA, each against a plain reference, and the ``record`` preset end to end (training,
-export, roundtrip)."""
+embeddings, attention inside documents, orthogonal init, weight decay and the weight EMA, each against a plain
+reference, and the ``record`` presets' fields."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from tgolf.config import PRESETS, Config
 from tgolf.model import build_model, count_parameters
-from tgolf.nn.attention import CausalSelfAttention, exclude_self_value
+from tgolf.data.tokenizer import BOS_ID
+from tgolf.nn.attention import CausalSelfAttention, attend, document_mask, exclude_self_value
 from tgolf.nn.embeddings import BigramHashEmbedding, SmearGate, bigram_buckets
 from tgolf.nn.rotary import Rotary, apply_rotary
 from tgolf.train.ema import WeightEMA
@@ -20,7 +21,7 @@ from tgolf.train.optim import Muon, build_optimizers, split_parameters
 # every addition on, at a size the CPU trains in seconds
 TINY_RECORD = dict(num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=97, rope_dims=4,
                    ln_scale=True, xsa_last_n=2, smear_gate=True, bigram_vocab_size=61, bigram_dim=8, ortho_init=True,
-                   value_embed_layers="1,3", value_embed_dim=8)
+                   value_embed_layers="1,3", value_embed_dim=8, doc_attention=True)
 
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
@@ -99,6 +100,110 @@ def test_xsa_attention_gradients_match_a_per_head_reference():
 def test_xsa_on_a_linear_attention_layer_is_refused():
     with pytest.raises(ValueError, match="xsa_last_n=2 covers layer 3, whose attention is 'linear'"):
         Config(num_layers=4, attention_layers="softmax,linear", xsa_last_n=2).validate()
+
+
+# --- attention inside documents ---------------------------------------------------------------------------------
+
+def _rows_with_documents(seq_len: int) -> torch.Tensor:
+    """Two rows of token ids: one starting mid-document (no BOS at 0) with documents of 1, 6 and the rest; one
+    starting at a BOS, with two BOS in a row (a one-token document)."""
+    ids = torch.randint(4, 97, (2, seq_len))
+    ids[0, [5, 6, 12]] = BOS_ID
+    ids[1, [0, 9, 10]] = BOS_ID
+    return ids
+
+
+def _attention_per_document(q, k, v, ids):
+    """Plain causal attention over each document of each row on its own (the documents cut at BOS tokens)."""
+    out = torch.empty_like(q)
+    for row in range(ids.shape[0]):
+        starts = [0, *(i for i in (ids[row] == BOS_ID).nonzero().flatten().tolist() if i > 0), ids.shape[1]]
+        for lo, hi in zip(starts[:-1], starts[1:]):
+            out[row, :, lo:hi] = F.scaled_dot_product_attention(
+                q[row:row + 1, :, lo:hi], k[row:row + 1, :, lo:hi], v[row:row + 1, :, lo:hi], is_causal=True,
+                enable_gqa=True)[0]
+    return out
+
+
+def test_document_mask_attends_each_document_as_if_alone():
+    torch.manual_seed(0)
+    ids = _rows_with_documents(23)
+    q = torch.randn(2, 4, 23, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 23, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))  # GQA: 2 KV heads
+    out = attend(q, k, v, document_mask(ids, BOS_ID, flex=False), enable_gqa=True)
+    expected = _attention_per_document(q, k, v, ids)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(a, b)
+    plain = attend(q, k, v, None, enable_gqa=True)  # the same rows without the mask: every earlier token
+    assert not torch.allclose(plain, expected)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_document_flex_block_mask_gives_the_boolean_masks_attention():
+    # the GPU's compiled path; flex attention runs its forward (not its backward) on the CPU. 300 tokens: two
+    # 128-token tiles and a ragged one, documents crossing tile edges
+    torch.manual_seed(0)
+    ids = _rows_with_documents(300)
+    ids[0, [127, 128, 200]] = BOS_ID
+    q, k, v = torch.randn(2, 4, 300, 16), torch.randn(2, 2, 300, 16), torch.randn(2, 2, 300, 16)
+    flex = attend(q, k, v, document_mask(ids, BOS_ID, flex=True), enable_gqa=True)
+    torch.testing.assert_close(flex, attend(q, k, v, document_mask(ids, BOS_ID, flex=False), enable_gqa=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_with_doc_attention_a_documents_logits_ignore_the_documents_before_it():
+    torch.manual_seed(0)
+    # the smear gate and the bigram table read the previous token across a BOS by design; the rest is per document
+    tiny = {**TINY_RECORD, "smear_gate": False, "bigram_vocab_size": 0}
+    model = _perturbed(build_model(Config(**tiny))).double()
+    second = torch.cat([torch.tensor([BOS_ID]), torch.randint(4, 97, (9,))])
+    row = torch.cat([torch.randint(4, 97, (7,)), second])[None]  # a partial document, then `second`
+    torch.testing.assert_close(model.logits(row)[:, 7:], model.logits(second[None]))
+    mixed = _perturbed(build_model(Config(**{**tiny, "doc_attention": False}))).double()
+    assert not torch.allclose(mixed.logits(row)[:, 7:], mixed.logits(second[None]))
+
+
+def test_doc_attention_inductor_graph_matches_eager():
+    torch.manual_seed(0)
+    model = _perturbed(build_model(Config(**TINY_RECORD)))
+    ids, targets = _rows_with_documents(13), torch.randint(0, 97, (2, 13))
+    expected = model(ids, targets)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = torch.compile(model, fullgraph=True)(ids, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.gpu
+def test_doc_attention_compiled_flex_training_matches_the_boolean_mask_on_a_gpu():
+    """On CUDA under torch.compile the layers attend through flex attention's block mask; eager runs SDPA with
+    the boolean mask. Loss and every gradient agree (fp32, no autocast)."""
+    torch.manual_seed(0)
+    cfg = Config(num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=97, doc_attention=True)
+    model = _perturbed(build_model(cfg)).cuda()
+    ids = torch.randint(4, 97, (4, 300), device="cuda")
+    ids[torch.rand(ids.shape, device="cuda") < 0.02] = BOS_ID
+    targets = torch.randint(0, 97, (4, 300), device="cuda")
+    expected = model(ids, targets)
+    expected.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = torch.compile(model, fullgraph=True)(ids, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], rtol=2e-3, atol=1e-5, msg=name)
+
+
+def test_doc_attention_with_linear_layers_is_refused():
+    with pytest.raises(ValueError, match="doc_attention=True needs softmax attention in every layer"):
+        Config(num_layers=4, attention_layers="softmax,linear", doc_attention=True).validate()
 
 
 # --- LN scale, SmearGate, bigram table ----------------------------------------------------------------------

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from tgolf.bench.core import BenchCase, describe_error
 
-FAMILIES = ("ternary", "quant", "mlp", "loss", "linear_attention")
+FAMILIES = ("ternary", "quant", "mlp", "loss", "linear_attention", "attention")
 SHAPE_SETS = ("quick", "contest", "sweep")
 
 

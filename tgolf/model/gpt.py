@@ -3,17 +3,20 @@
 9 × 512 at the baseline preset: GQA attention, relu² MLP, tied embeddings, U-Net skips from the first half
 of the blocks to the second, per-block mix with the embedding x0, tanh logit softcap (17,059,912 parameters).
 The records' additions are fields that default to off: partial RoPE, LN scale, XSA, SmearGate, bigram hash
-table, orthogonal init (the ``record`` preset turns them on), value embeddings. The model reads only the model fields of the run's
-Config (num_layers ... loss), so one dataclass describes both.
+table, orthogonal init (the ``record`` preset turns them on), value embeddings, attention inside documents. The
+model reads only the model fields of the run's Config (num_layers ... loss), so one dataclass describes both.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 
 from tgolf.config import Config
+from tgolf.data.tokenizer import BOS_ID
 from tgolf.nn import get_loss, make_attention, make_mlp
+from tgolf.nn.attention import document_mask
 from tgolf.nn.embeddings import BigramHashEmbedding, SmearGate, ValueEmbedding
 from tgolf.nvtx import nvtx_range
 
@@ -41,14 +44,16 @@ class Block(nn.Module):
         normed = F.rms_norm(x, (x.shape[-1],))
         return normed * self.norm_scale if self.norm_scale != 1.0 else normed
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor, value_embed: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, value_embed: torch.Tensor | None = None,
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        """``mask``: the document mask (``GPT.hidden_states``) of a softmax attention layer, or None."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         with nvtx_range("attention"):
-            if self.value_embed_scale is None:
-                y = self.attn(self._norm(x))
-            else:
-                y = self.attn(self._norm(x), self.value_embed_scale.to(value_embed.dtype) * value_embed)
+            extra = {} if mask is None else {"mask": mask}
+            if self.value_embed_scale is not None:
+                extra["value_bias"] = self.value_embed_scale.to(value_embed.dtype) * value_embed
+            y = self.attn(self._norm(x), **extra)
             x = x + self.attn_scale.to(x.dtype) * y
         with nvtx_range("mlp"):
             x = x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
@@ -100,14 +105,17 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
+        mask = None
+        if self.config.doc_attention:  # one mask for all layers; flex kernels where inductor compiles for a GPU
+            mask = document_mask(input_ids, BOS_ID, flex=input_ids.is_cuda and torch.compiler.is_compiling())
         x0, skips = x, []
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0, value_embed)
+            x = block(x, x0, value_embed, mask)
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers:]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0, value_embed)
+            x = block(x, x0, value_embed, mask)
         return F.rms_norm(x, (self.config.model_dim,))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

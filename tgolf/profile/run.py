@@ -42,7 +42,9 @@ def pick_device(cfg: Config) -> torch.device:
 
 def train_flops_per_token(cfg: Config, params: int) -> float:
     """6·params (forward + backward of every weight, the tied head included) plus causal softmax attention:
-    QKᵀ and AV are 2·T·d multiply-adds per token and layer, half masked, times 3 for forward + backward."""
+    QKᵀ and AV are 2·T·d multiply-adds per token and layer, half masked, times 3 for forward + backward. With
+    ``doc_attention`` the kernels skip what crosses documents, but the count stays the causal one, the usual
+    convention, so MFU compares runs by step time alone."""
     return 6.0 * params + 6.0 * cfg.num_layers * cfg.train_seq_len * cfg.model_dim
 
 
