@@ -151,6 +151,13 @@ def test_document_flex_block_mask_gives_the_boolean_masks_attention():
     flex = attend(q, k, v, document_mask(ids, BOS_ID, flex=True), enable_gqa=True)
     torch.testing.assert_close(flex, attend(q, k, v, document_mask(ids, BOS_ID, flex=False), enable_gqa=True),
                                rtol=1e-5, atol=1e-5)
+    # under bf16 autocast, as training runs: the normed q and k arrive in float32 (rms_norm's fp32 policy) beside
+    # a bf16 v; autocast brings flex attention's inputs to one dtype as it does SDPA's
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        flex = attend(q, k, v.bfloat16(), document_mask(ids, BOS_ID, flex=True), enable_gqa=True)
+        sdpa = attend(q, k, v.bfloat16(), document_mask(ids, BOS_ID, flex=False), enable_gqa=True)
+    assert flex.dtype == sdpa.dtype == torch.bfloat16
+    torch.testing.assert_close(flex, sdpa, rtol=2e-2, atol=2e-2)
 
 
 def test_with_doc_attention_a_documents_logits_ignore_the_documents_before_it():
@@ -183,22 +190,26 @@ def test_doc_attention_inductor_graph_matches_eager():
 @pytest.mark.gpu
 def test_doc_attention_compiled_flex_training_matches_the_boolean_mask_on_a_gpu():
     """On CUDA under torch.compile the layers attend through flex attention's block mask; eager runs SDPA with
-    the boolean mask. Loss and every gradient agree (fp32, no autocast)."""
+    the boolean mask. Loss and every gradient agree, in float32 and under bf16 autocast as training runs."""
     torch.manual_seed(0)
     cfg = Config(num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, vocab_size=97, doc_attention=True)
     model = _perturbed(build_model(cfg)).cuda()
     ids = torch.randint(4, 97, (4, 300), device="cuda")
     ids[torch.rand(ids.shape, device="cuda") < 0.02] = BOS_ID
     targets = torch.randint(0, 97, (4, 300), device="cuda")
-    expected = model(ids, targets)
-    expected.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    loss = torch.compile(model, fullgraph=True)(ids, targets)
-    loss.backward()
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[name], rtol=2e-3, atol=1e-5, msg=name)
+    compiled = torch.compile(model, fullgraph=True)
+    for autocast, rtol, atol in ((False, 2e-3, 1e-5), (True, 5e-2, 1e-3)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            expected = model(ids, targets)
+            expected.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            loss = compiled(ids, targets)
+            loss.backward()
+        torch.testing.assert_close(loss, expected, rtol=rtol, atol=atol)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, grads[name], rtol=rtol, atol=atol, msg=name)
+        model.zero_grad()
 
 
 def test_doc_attention_with_linear_layers_is_refused():
