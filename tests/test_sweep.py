@@ -18,13 +18,17 @@ def test_grid_is_the_cross_product_in_order():
                                        "attention-linear_train_seq_len-32", "attention-linear_train_seq_len-64"]
     assert cells[3].flags() == ["--attention", "linear", "--train-seq-len", "64"]
     assert parse_grid(["data_path=/data/fineweb 10B"])[0].name == "data_path-data_fineweb_10B"
+    # a bool field is a switch of tgolf.train (--doc-attention / --no-doc-attention), not a flag with a value
+    switched = parse_grid(["doc_attention=off,true", "seed=2"])
+    assert [c.flags() for c in switched] == [["--no-doc-attention", "--seed", "2"], ["--doc-attention", "--seed", "2"]]
 
 
 @pytest.mark.parametrize("spec, message", [("atention=softmax", "not a Config field"),
                                            ("attention", "expected FIELD=VALUE"),
                                            ("attention=", "expected FIELD=VALUE"),
                                            ("attention=linear,linear", "share a run folder"),
-                                           ("data_path=/a/b,/a_b", "share a run folder")])
+                                           ("data_path=/a/b,/a_b", "share a run folder"),
+                                           ("ln_scale=true,maybe", "--grid ln_scale='maybe': expected a bool")])
 def test_bad_grid_is_refused(spec, message):
     with pytest.raises(ValueError, match=message):
         parse_grid([spec])

@@ -355,7 +355,9 @@ def parse_step_range(text: str, name: str) -> tuple[int, int] | None:
     return first, last
 
 
-def _parse_value(kind: type, text: str, source: str) -> Any:
+def parse_value(kind: type, text: str, source: str) -> Any:
+    """``text`` as a value of a field of type ``kind`` (a bool from 1/0, true/false, yes/no, on/off); ValueError
+    naming ``source`` otherwise."""
     try:
         if kind is bool:
             lowered = text.strip().lower()
@@ -369,17 +371,18 @@ def _parse_value(kind: type, text: str, source: str) -> Any:
         raise ValueError(f"{source}={text!r}: expected a {kind.__name__}") from None
 
 
-def _field_types() -> dict[str, type]:
+def field_types() -> dict[str, type]:
+    """Config's field names → their types."""
     return get_type_hints(Config)
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """Values from environment variables named like the fields, upper-cased (DATA_PATH, SEED, ...)."""
     out: dict[str, Any] = {}
-    for name, kind in _field_types().items():
+    for name, kind in field_types().items():
         key = name.upper()
         if key in environ and environ[key] != "":
-            out[name] = _parse_value(kind, environ[key], f"environment variable {key}")
+            out[name] = parse_value(kind, environ[key], f"environment variable {key}")
     return out
 
 
@@ -398,7 +401,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, names: Sequence[str] |
     group = parser.add_argument_group("config (also settable as upper-cased environment variables)")
     defaults = Config()
     comments = _field_comments()
-    for name, kind in _field_types().items():
+    for name, kind in field_types().items():
         if names is not None and name not in names:
             continue
         flag = "--" + name.replace("_", "-")
@@ -415,7 +418,7 @@ def resolve_config(args: argparse.Namespace | None = None, environ: Mapping[str,
     """Preset → environment → CLI. The preset defaults to `smoke` when no DATA_PATH is given, else `baseline`."""
     environ = os.environ if environ is None else environ
     env = env_overrides(environ)
-    cli = {} if args is None else {k: v for k, v in vars(args).items() if k in _field_types() and v is not None}
+    cli = {} if args is None else {k: v for k, v in vars(args).items() if k in field_types() and v is not None}
     preset = preset or (getattr(args, "preset", None) if args is not None else None)
     if preset is None:
         preset = "baseline" if (cli.get("data_path") or env.get("data_path")) else "smoke"
@@ -433,4 +436,4 @@ def parse_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] |
 
 
 __all__ = ["Config", "PRESETS", "changed_fields", "CONTEST_ENV_VARS", "LINEAR_KINDS", "parse_linear_kind", "add_config_arguments",
-           "resolve_config", "parse_config", "env_overrides", "parse_step_range"]
+           "resolve_config", "parse_config", "env_overrides", "parse_step_range", "parse_value", "field_types"]

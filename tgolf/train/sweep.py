@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tgolf.config import Config
+from tgolf.config import Config, field_types, parse_value
+
+_FIELD_TYPES = field_types()
 
 SUMMARY_FIELDS = ("val_bpb", "roundtrip_val_bpb", "tokens_per_second", "step_ms", "steps", "stopped_by",
                   "train_seconds", "peak_memory_bytes", "params", "artifact_bytes")
@@ -38,7 +40,15 @@ class Cell:
                         for field, value in self.values) or "base"
 
     def flags(self) -> list[str]:
-        return [arg for field, value in self.values for arg in ("--" + field.replace("_", "-"), value)]
+        """tgolf.train's flags for the cell; a bool field is a switch: ``--ln-scale`` / ``--no-ln-scale``."""
+        out: list[str] = []
+        for field, value in self.values:
+            flag = field.replace("_", "-")
+            if _FIELD_TYPES[field] is bool:
+                out.append(("--" if parse_value(bool, value, f"--grid {field}") else "--no-") + flag)
+            else:
+                out += ["--" + flag, value]
+        return out
 
 
 def parse_grid(specs: list[str]) -> list[Cell]:
@@ -52,7 +62,11 @@ def parse_grid(specs: list[str]) -> list[Cell]:
             raise ValueError(f"--grid {spec!r}: expected FIELD=VALUE[,VALUE...]")
         if field not in known:
             raise ValueError(f"--grid {spec!r}: {field!r} is not a Config field")
-        axes.append([(field, v.strip()) for v in values.split(",") if v.strip()])
+        axis = [(field, v.strip()) for v in values.split(",") if v.strip()]
+        if _FIELD_TYPES[field] is bool:  # a typo here would otherwise only fail when its cell's flags are built
+            for _, value in axis:
+                parse_value(bool, value, f"--grid {field}")
+        axes.append(axis)
     if len({axis[0][0] for axis in axes}) != len(axes):
         raise ValueError("--grid: a field is given twice")
     cells = [Cell(tuple(combo)) for combo in itertools.product(*axes)]
