@@ -405,6 +405,72 @@ def test_sliding_window_attention_matches_dense_mask(seq_len, past, window):
     assert rel(sliding_window_attention(q, k, v, window), expected) < 1e-6
 
 
+def test_sliding_window_attention_with_documents_matches_dense_mask():
+    from tgolf.nn.linear_attention import sliding_window_attention
+
+    past, seq_len, window = 5, 19, 6
+    q, k, v = torch.randn(2, 4, seq_len, 8), torch.randn(2, 2, past + seq_len, 8), torch.randn(2, 2, past + seq_len, 8)
+    documents = torch.tensor([[0] * 3 + [1] * 10 + [2] * 2 + [3] * 9, [0] * 24]).cumsum(0)  # row 1: one document
+    documents[0] = torch.tensor([0] * 3 + [1] * 10 + [2] * 2 + [3] * 9)
+    qpos, kpos = torch.arange(seq_len)[:, None] + past, torch.arange(past + seq_len)[None, :]
+    band = (kpos <= qpos) & (kpos > qpos - window)
+    same = documents[:, past:, None] == documents[:, None, :]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=(band & same)[:, None], enable_gqa=True)
+    assert rel(sliding_window_attention(q, k, v, window, documents), expected) < 1e-6
+    assert rel(sliding_window_attention(q, k, v, window), expected) > 1e-2  # the documents change the answer
+
+
+def _document_starts(batch: int, seq_len: int) -> torch.Tensor:
+    """Row 0 starts mid-document, then documents begin at 4, 5 (one token long) and 15; row 1 starts at 0."""
+    starts = torch.zeros(batch, seq_len, dtype=torch.bool)
+    starts[0, [4, 5, 15]] = True
+    starts[1, 0] = True
+    return starts
+
+
+@pytest.mark.parametrize("hybrid, decay, feature_map", [
+    (False, "none", "identity"), (False, "head", "elu1"), (False, "token", "identity"),
+    (True, "head", "identity"), (True, "token", "elu1"), (True, "none", "relu")])
+def test_document_starts_reset_the_state(hybrid, decay, feature_map):
+    """A document's outputs do not depend on the tokens before its start (their inputs redrawn). With the identity
+    map they equal the document run alone; a positive map applied after RoPE sees absolute positions, so there
+    the document stays where it is."""
+    from tgolf.nn.linear_attention import HybridAttention, LinearAttention
+
+    torch.manual_seed(0)
+    cls = HybridAttention if hybrid else LinearAttention
+    attn = cls(32, num_heads=4, num_kv_heads=2, window=6, decay=decay, feature_map=feature_map, chunk_size=16)
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)
+    x, starts = torch.randn(2, 23, 32), _document_starts(2, 23)
+    with torch.no_grad():
+        out = attn(x, starts)
+        for row in range(2):
+            edges = [0, *(i for i in starts[row].nonzero().flatten().tolist() if i > 0), 23]
+            for lo, hi in zip(edges[:-1], edges[1:]):
+                redrawn = x.clone()
+                redrawn[row, :lo] = torch.randn(lo, 32)
+                assert rel(attn(redrawn, starts)[row, lo:hi], out[row, lo:hi]) < 1e-5, (row, lo, hi)
+                if feature_map == "identity":
+                    assert rel(attn(x[row:row + 1, lo:hi])[0], out[row, lo:hi]) < 1e-5, (row, lo, hi)
+        assert rel(out, attn(x)) > 1e-2  # without the starts the rows are single streams
+
+
+def test_streaming_with_document_starts_equals_one_long_pass():
+    from tgolf.eval.stateful import streaming
+    from tgolf.nn.linear_attention import HybridAttention
+
+    attn = HybridAttention(32, num_heads=4, num_kv_heads=2, window=6, decay="head", chunk_size=16)
+    torch.nn.init.normal_(attn.proj.weight, std=0.2)
+    x, starts = torch.randn(2, 25, 32), _document_starts(2, 25)
+    with torch.no_grad():
+        full = attn(x, starts)
+        for window in (10, 4):  # the second is shorter than W: the cached starts span several calls
+            with streaming(attn):
+                streamed = torch.cat([attn(x[:, lo:lo + window], starts[:, lo:lo + window])
+                                      for lo in range(0, x.shape[1], window)], 1)
+            assert rel(streamed, full) < 1e-5, window
+
+
 def _explicit_hybrid(attn, x: torch.Tensor) -> torch.Tensor:
     """Softmax over t−W < s ≤ t plus λ · normalised linear attention over s ≤ t − W, written out in float64."""
     q, k, v = (t.double() for t in attn.rotated_qkv(x))
@@ -463,11 +529,13 @@ def test_streaming_equals_one_long_pass(hybrid, decay, feature_map, rope_dims):
             assert rel(streamed, full) < 1e-5, window
 
 
-def test_evaluate_stateful_matches_one_pass():
+@pytest.mark.parametrize("attention, doc_attention", [("linear", False), ("linear", True), ("hybrid", True)])
+def test_evaluate_stateful_matches_one_pass(attention, doc_attention):
     from tgolf.data.tokenizer import ByteTables
     from tgolf.eval.stateful import evaluate_stateful
 
-    model = _tiny_model("linear")
+    # doc_attention: the state carried across windows is reset at the BOS inside the third window
+    model = _tiny_model(attention, doc_attention=doc_attention)
     for p in model.parameters():
         if p.dim() == 2:
             torch.nn.init.normal_(p, std=0.1)
@@ -480,6 +548,10 @@ def test_evaluate_stateful_matches_one_pass():
         nll = model(tokens[None, :-1], tokens[None, 1:], reduction="none")
     assert result.overall.tokens == 57
     assert math.isclose(result.overall.val_loss, nll.mean().item(), rel_tol=1e-5)
+    if doc_attention:  # the second document scored alone, in one pass
+        with torch.no_grad():
+            alone = model(tokens[None, 20:-1], tokens[None, 21:], reduction="none")
+        torch.testing.assert_close(nll[:, 20:], alone, rtol=1e-4, atol=1e-5)
     # documents: targets 1..20 see contexts 1..20 (first doc), targets 21..57 contexts 1..37 (second doc)
     counts = {b["context_from"]: b["tokens"] for b in result.buckets}
     assert counts == {0: 7 + 7, 8: 8 + 8, 16: 5 + 16, 32: 6}

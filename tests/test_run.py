@@ -113,7 +113,7 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
     ("--linear", "ternary", "--mlp", "fused", "--loss", "fused"),
     # late QAT: the lr scale is 1, 1, .5 over the 3 steps (warmdown 2): quantization on from step 2
     ("--linear", "qat6", "--mlp-activation", "leaky_relu2", "--export-scheme", "int6", "--late-qat-threshold", "0.6"),
-    ("--attention", "hybrid", "--attention-window", "8"),
+    ("--attention", "hybrid", "--attention-window", "8", "--doc-attention"),
     ("--attention-layers", "softmax,linear", "--linear-decay", "token"),
     ("--linear", "ternary-g16"),  # the kind's options: a scale per 16 input columns, exported with the codes
     ("--linear", "fp8-row"),

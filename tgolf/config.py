@@ -98,7 +98,7 @@ class Config:
     ortho_init: bool = False  # orthogonal initial q, k, v and MLP up-projection matrices
     value_embed_layers: str = ""  # layers (indices, e.g. "9,10") whose attention values add a shared token embedding
     value_embed_dim: int = 128  # width of that embedding table, projected to the values' width
-    doc_attention: bool = False  # softmax attention only inside each document (from its BOS on), as varlen kernels
+    doc_attention: bool = False  # attend only inside each document (from its BOS on); linear layers reset their state
 
     # --- pluggable parts (tgolf.nn chooses the module by these names) -------------------------
     linear: str = "bf16"  # attention, MLP matrices: bf16|qat4..qat8|fp8|ternary; -g<N> (qat, ternary), fp8-row
@@ -234,10 +234,6 @@ class Config:
                 raise ValueError(f"config field value_embed_layers={self.value_embed_layers!r} names layer {index}, "
                                  f"whose attention is {self.layer_attention_kinds()[index]!r}: value embeddings "
                                  "apply to softmax attention only")
-        if self.doc_attention and set(self.layer_attention_kinds()) != {"softmax"}:
-            raise ValueError(f"config field doc_attention=True needs softmax attention in every layer; the layers' "
-                             f"attention is {self.layer_attention_kinds()} (linear and hybrid layers carry their "
-                             "state across documents)")
         if self.value_embed_dim <= 0:
             raise ValueError(f"config field value_embed_dim={self.value_embed_dim}: must be > 0")
         if self.bigram_vocab_size < 0 or self.bigram_vocab_size == 1 or self.bigram_dim <= 0:

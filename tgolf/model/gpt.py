@@ -25,7 +25,8 @@ class Block(nn.Module):
     def __init__(self, cfg: Config, index: int):
         super().__init__()
         dim = cfg.model_dim
-        self.attn = make_attention(cfg.layer_attention_kinds()[index], dim, num_heads=cfg.num_heads,
+        self.attention_kind = cfg.layer_attention_kinds()[index]
+        self.attn = make_attention(self.attention_kind, dim, num_heads=cfg.num_heads,
                                    num_kv_heads=cfg.num_kv_heads, rope_base=cfg.rope_base,
                                    qk_gain_init=cfg.qk_gain_init, linear=cfg.linear, window=cfg.attention_window,
                                    feature_map=cfg.linear_feature_map, decay=cfg.linear_decay,
@@ -45,12 +46,16 @@ class Block(nn.Module):
         return normed * self.norm_scale if self.norm_scale != 1.0 else normed
 
     def forward(self, x: torch.Tensor, x0: torch.Tensor, value_embed: torch.Tensor | None = None,
-                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
-        """``mask``: the document mask (``GPT.hidden_states``) of a softmax attention layer, or None."""
+                documents: tuple[torch.Tensor | BlockMask, torch.Tensor] | None = None) -> torch.Tensor:
+        """``documents`` (``doc_attention``, from ``GPT.hidden_states``): (the softmax layers' mask, the document
+        starts [B, T] that linear and hybrid layers reset their state at), or None."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         with nvtx_range("attention"):
-            extra = {} if mask is None else {"mask": mask}
+            extra = {}
+            if documents is not None:
+                mask, starts = documents
+                extra = {"mask": mask} if self.attention_kind == "softmax" else {"starts": starts}
             if self.value_embed_scale is not None:
                 extra["value_bias"] = self.value_embed_scale.to(value_embed.dtype) * value_embed
             y = self.attn(self._norm(x), **extra)
@@ -105,17 +110,22 @@ class GPT(nn.Module):
         if self.smear is not None:
             x = self.smear(x)
         value_embed = self.value_embed(input_ids) if self.value_embed is not None else None
-        mask = None
-        if self.config.doc_attention:  # one mask for all layers; flex kernels where inductor compiles for a GPU
-            mask = document_mask(input_ids, BOS_ID, flex=input_ids.is_cuda and torch.compiler.is_compiling())
+        documents = None
+        if self.config.doc_attention:
+            starts = input_ids == BOS_ID
+            mask = None
+            if "softmax" in self.config.layer_attention_kinds():  # one mask for all softmax layers; flex kernels
+                flex = input_ids.is_cuda and torch.compiler.is_compiling()  # where inductor compiles for a GPU
+                mask = document_mask(input_ids, BOS_ID, flex=flex)
+            documents = mask, starts
         x0, skips = x, []
         for block in self.blocks[: self.num_encoder_layers]:
-            x = block(x, x0, value_embed, mask)
+            x = block(x, x0, value_embed, documents)
             skips.append(x)
         for i, block in enumerate(self.blocks[self.num_encoder_layers:]):
             if skips:
                 x = x + self.skip_weights[i].to(x.dtype) * skips.pop()
-            x = block(x, x0, value_embed, mask)
+            x = block(x, x0, value_embed, documents)
         return F.rms_norm(x, (self.config.model_dim,))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

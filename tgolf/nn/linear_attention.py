@@ -18,9 +18,14 @@ simpler and more stable than sharing one softmax/linear denominator. LIN is the 
 shifted W positions right (zeros in front), with the decay of the W skipped steps folded into q (per-head
 constant: exp(W g_h)) or into the shifted keys (per-token gates: exp(G_{s+W} − G_s)).
 
+Documents (``starts``, True at each document's BOS; the GPT's ``doc_attention``): the state is reset at every
+start by a log decay of RESET_LOG_DECAY added to that token's gate (so a head's constant decay becomes a per-token
+gate), which scales everything before the start by exp(−30) ≈ 1e-13, nothing in bf16 or float32 arithmetic; and
+the hybrid's window sees only keys of the query's document.
+
 Streaming (stateful evaluation): ``start_stream()`` makes the module carry, from one call to the next, the
-recurrent state, the absolute RoPE position, and for the hybrid the last W keys/values/gates; ``stop_stream()``
-ends it. tgolf.eval.stateful drives this for every such module of a model.
+recurrent state, the absolute RoPE position, and for the hybrid the last W keys/values/gates/starts;
+``stop_stream()`` ends it. tgolf.eval.stateful drives this for every such module of a model.
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ from tgolf.ops.linear_attention.feature_maps import divide_by_key_sum, make_feat
 
 DECAYS = ("none", "head", "token")
 GATE_TEMPERATURE = 16.0  # GLA's normaliser: gates close to 1 at init, learnable without saturating
+# The log decay a document start adds to its token's gate: large enough to erase the state (exp(−30) ≈ 1e-13),
+# small enough that cumulative sums over many documents keep their float32 resolution (−30 per document).
+RESET_LOG_DECAY = -30.0
 
 
 @dataclass
@@ -49,6 +57,7 @@ class StreamState:
     keys: torch.Tensor | None = None  # hybrid: last ≤ W rotated keys [B, Hkv, ≤W, D]
     values: torch.Tensor | None = None  # hybrid: last ≤ W values [B, Hkv, ≤W, D]
     gates: torch.Tensor | None = None  # hybrid with per-token decay: last ≤ W log gates [B, ≤W, H]
+    starts: torch.Tensor | None = None  # hybrid with documents: last ≤ W document-start flags [B, ≤W]
 
 
 def _head_decay_init(num_heads: int) -> torch.Tensor:
@@ -57,9 +66,12 @@ def _head_decay_init(num_heads: int) -> torch.Tensor:
     return (-torch.log1p(-rates)).log()
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             documents: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q [B, H, T, D] over keys s with t − W < s ≤ t; k, v [B, Hkv, S, D] with S ≥ T hold
-    S − T earlier positions first (a streaming cache). Blocked, O(S·W) instead of a dense [T, S] mask:
+    S − T earlier positions first (a streaming cache). ``documents`` [B, S] (document ids of the key positions;
+    the queries are the last T): keys of other documents are masked too. Blocked, O(S·W) instead of a dense
+    [T, S] mask:
 
     the key stream gets W zero rows in front and is cut into blocks of W; the queries of block b see keys of blocks
     b − 1 and b (2W keys), under the same band mask for every block (local query i, key j: i < j ≤ i + W), except
@@ -71,18 +83,24 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)  # blocks fold into the batch dims below
     nb = -(-total // W)
     q = F.pad(q, (0, 0, total - seq_len, nb * W - total))  # queries aligned with their key positions
-    k = F.pad(k, (0, 0, W, nb * W - total)).unfold(2, 2 * W, W).transpose(-1, -2)  # [B, H, nb, 2W, D]
-    v = F.pad(v, (0, 0, W, nb * W - total)).unfold(2, 2 * W, W).transpose(-1, -2)
-    q = q.view(bsz, heads, nb, W, dim)
+    # block-major [B, nb, H, ·, D], so that a mask per (row, block) broadcasts over the heads
+    k = F.pad(k, (0, 0, W, nb * W - total)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3)  # [B, nb, H, 2W, D]
+    v = F.pad(v, (0, 0, W, nb * W - total)).unfold(2, 2 * W, W).permute(0, 2, 1, 4, 3)
+    q = q.view(bsz, heads, nb, W, dim).transpose(1, 2)  # [B, nb, H, W, D]
     i, j = torch.arange(W, device=q.device)[:, None], torch.arange(2 * W, device=q.device)[None, :]
-    band = (j > i) & (j <= i + W)
-    out = [F.scaled_dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], attn_mask=band & (j >= W))]
+    mask = (j > i) & (j <= i + W)  # [W, 2W]
+    if documents is not None:  # [B, nb, 1, W, 2W]: the band, within the query's document
+        query_docs = F.pad(documents, (0, nb * W - total), value=-1).view(bsz, nb, W)
+        key_docs = F.pad(documents, (W, nb * W - total), value=-1).unfold(1, 2 * W, W)  # [B, nb, 2W]
+        mask = (mask & (query_docs[..., :, None] == key_docs[..., None, :]))[:, :, None]
+    first = mask[:, 0] if mask.dim() == 5 else mask  # 4-D inputs, which the fused SDPA kernels need
+    out = [F.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], attn_mask=first & (j >= W)).unsqueeze(1)]
     if nb > 1:
-        rest = F.scaled_dot_product_attention(q[:, :, 1:].reshape(bsz, heads * (nb - 1), W, dim),
-                                              k[:, :, 1:].reshape(bsz, heads * (nb - 1), 2 * W, dim),
-                                              v[:, :, 1:].reshape(bsz, heads * (nb - 1), 2 * W, dim), attn_mask=band)
-        out.append(rest.view(bsz, heads, (nb - 1) * W, dim))
-    return torch.cat(out, 2)[:, :, total - seq_len:total]
+        flat = lambda t: t[:, 1:].reshape(bsz * (nb - 1), heads, t.shape[3], dim)
+        rest_mask = mask[:, 1:].reshape(bsz * (nb - 1), 1, W, 2 * W) if mask.dim() == 5 else mask
+        rest = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=rest_mask)
+        out.append(rest.view(bsz, nb - 1, heads, W, dim))
+    return torch.cat(out, 1).transpose(1, 2).reshape(bsz, heads, nb * W, dim)[:, :, total - seq_len:total]
 
 
 class LinearAttention(CausalSelfAttention):
@@ -119,13 +137,18 @@ class LinearAttention(CausalSelfAttention):
         return self.stream.state if self.stream is not None else None
 
     # --- pieces ----------------------------------------------------------------------------------------------
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
-        """g ≤ 0: None, [H] or [B, T, H] (float32)."""
+    def log_decay(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor | None:
+        """g ≤ 0: None, [H] or [B, T, H] (float32); with document ``starts`` [B, T] always [B, T, H], with
+        RESET_LOG_DECAY added where a document starts."""
+        g = None
         if self.decay == "head":
-            return -self.log_decay_rate.float().exp()
-        if self.decay == "token":
-            return F.logsigmoid(self.gate(x).float()) / GATE_TEMPERATURE
-        return None
+            g = -self.log_decay_rate.float().exp()
+        elif self.decay == "token":
+            g = F.logsigmoid(self.gate(x).float()) / GATE_TEMPERATURE
+        if starts is None:
+            return g
+        reset = starts.float()[..., None] * RESET_LOG_DECAY  # [B, T, 1]
+        return reset.expand(-1, -1, self.num_heads) if g is None else g + reset
 
     def rotated_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """project_qkv, with RoPE at absolute positions while streaming (R_{p+t} = R_p ∘ R_t)."""
@@ -147,12 +170,13 @@ class LinearAttention(CausalSelfAttention):
             return divide_by_key_sum(y, self.eps), state
         return F.rms_norm(y, (y.shape[-1],)), state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """``starts`` [B, T] bool: True where a document starts (its BOS); None = one stream per row."""
         bsz, seq_len, dim = x.shape
         q, k, v = self.rotated_qkv(x)
         phi = self.feature_map
         q, k, v = phi(q.transpose(1, 2)), phi(k.transpose(1, 2)), v.transpose(1, 2)
-        y, state = self.attend(q, k, v, self.log_decay(x), self._state())
+        y, state = self.attend(q, k, v, self.log_decay(x, starts), self._state())
         if self.stream is not None:
             self.stream.state, self.stream.offset = state.detach(), self.stream.offset + seq_len
         return self.proj(y.reshape(bsz, seq_len, dim))
@@ -171,15 +195,21 @@ class HybridAttention(LinearAttention):
         self.window = window
         self.linear_gain = nn.Parameter(torch.full((num_heads,), 0.1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """``starts`` [B, T] bool: True where a document starts (its BOS); None = one stream per row."""
         bsz, seq_len, dim = x.shape
         W, stream = self.window, self.stream
         q, k, v = self.rotated_qkv(x)  # [B, H|Hkv, T, D]
-        g = self.log_decay(x)
+        g = self.log_decay(x, starts)
         keys, values = k, v  # [B, Hkv, P+T, D] with the P ≤ W cached positions of a stream first
         if stream is not None and stream.keys is not None:
             keys, values = torch.cat((stream.keys, k), 2), torch.cat((stream.values, v), 2)
-        y_swa = sliding_window_attention(q, keys, values, W).transpose(1, 2)  # [B, T, H, D]
+        all_starts = documents = None
+        if starts is not None:  # the window's document ids, cached positions included
+            past_starts = stream.starts if stream is not None and stream.starts is not None else starts[:, :0]
+            all_starts = torch.cat((past_starts, starts), 1)  # [B, P+T]
+            documents = all_starts.cumsum(1)
+        y_swa = sliding_window_attention(q, keys, values, W, documents).transpose(1, 2)  # [B, T, H, D]
 
         # Older tokens: shift keys/values W positions right so the op at position t sees exactly s ≤ t − W.
         # Padding rows hold zero keys (after φ): their scores, hence also their key-sum column, are zero.
@@ -189,9 +219,9 @@ class HybridAttention(LinearAttention):
         k_old = F.pad(phi(keys.transpose(1, 2)), (0, 0, 0, 0, pad, 0))[:, :seq_len]
         v_old = F.pad(values.transpose(1, 2), (0, 0, 0, 0, pad, 0))[:, :seq_len]
         qf = phi(q.transpose(1, 2))
-        if self.decay == "head":  # exp(g (t − s)) = exp(g W) · exp(g (t − (s + W)))
+        if g is not None and g.dim() == 1:  # per head: exp(g (t − s)) = exp(g W) · exp(g (t − (s + W)))
             qf = qf * torch.exp(W * g).to(qf.dtype)[:, None]
-        elif self.decay == "token":  # exp(G_t − G_s) = exp(G_t − G_{s+W}) · exp(G_{s+W} − G_s), per query head
+        elif g is not None:  # per token: exp(G_t − G_s) = exp(G_t − G_{s+W}) · exp(G_{s+W} − G_s), per query head
             past_g = stream.gates if stream is not None and stream.gates is not None else g[:, :0]
             gates = torch.cat((past_g, g), 1)  # [B, P+T, H]
             cum = F.pad(gates.cumsum(1), (0, 0, 1, 0))  # cum[j] = sum of the first j gates
@@ -205,8 +235,10 @@ class HybridAttention(LinearAttention):
         if stream is not None:
             stream.state, stream.offset = state.detach(), stream.offset + seq_len
             stream.keys, stream.values = keys[:, :, -W:].detach(), values[:, :, -W:].detach()
-            if self.decay == "token":
+            if g is not None and g.dim() == 3:
                 stream.gates = gates[:, -W:].detach()
+            if all_starts is not None:
+                stream.starts = all_starts[:, -W:]
         return self.proj(y.reshape(bsz, seq_len, dim))
 
 __all__ = ["LinearAttention", "HybridAttention", "StreamState", "DECAYS"]
