@@ -79,11 +79,12 @@ def test_compiles_fullgraph():
 
 def test_inductor_compiles_every_tgolf_part_and_matches_eager():
     # What training on a GPU runs: the default inductor backend, fullgraph, over tgolf's own ops (ternary linear,
-    # fused MLP and loss, softmax/linear/hybrid attention) and the records' additions. Loss and every gradient
-    # must match eager mode.
+    # fused MLP and loss, softmax/linear/hybrid attention) and the records' additions, attention inside documents
+    # included (BOS = 1 opens two in the first row). Loss and every gradient must match eager mode.
     model = _tiny_model(linear="ternary", mlp="fused", loss="fused", attention_layers="linear,hybrid,softmax",
-                        attention_window=4, **{**RECORD_ADDITIONS, "xsa_last_n": 1})
-    ids, targets = torch.randint(0, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+                        attention_window=4, doc_attention=True, **{**RECORD_ADDITIONS, "xsa_last_n": 1})
+    ids, targets = torch.randint(2, 97, (2, 9)), torch.randint(0, 97, (2, 9))
+    ids[0, [3, 6]] = 1
     expected = model(ids, targets)
     expected.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
