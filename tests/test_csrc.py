@@ -103,6 +103,40 @@ def test_cpu_tensors_are_rejected():
         torch.ops.tgolf.ternary_int8_linear_cuda(x, torch.zeros(3, 8, dtype=torch.int8), torch.ones(3))
 
 
+_CPU_THROWS = """
+import torch
+from tgolf import _extension
+_extension.load()
+cuda_kernel = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)  # the CUDA kernels themselves, on CPU tensors
+x, codes = torch.zeros(2, 8, dtype=torch.bfloat16), torch.zeros(3, 8, dtype=torch.int8)
+calls = {
+    "ternary_packed_mm_cuda": (x, torch.zeros(3, 2, dtype=torch.uint8), torch.ones(3, 1), 0),
+    "ternary_int8_linear_cuda": (x, codes, torch.ones(3)),
+    "ternary_int8_mm_cuda": (codes[:2], torch.ones(2), codes, torch.ones(3)),
+    "softcap_ce_chunk_cuda": (torch.zeros(2, 8), torch.zeros(2, dtype=torch.long), 30.0, 1.0),
+}
+for name, args in calls.items():
+    try:
+        getattr(torch.ops.tgolf, name).default.redispatch(cuda_kernel, *args)
+        print(name, "no error")
+    except RuntimeError as err:
+        print(name, "raised:", str(err).splitlines()[0])
+"""
+
+
+@needs_ext
+def test_the_extensions_checks_raise_through_torch_without_a_gpu():
+    """Each CUDA kernel's first argument check, reached on CPU tensors through the CUDA dispatch key: the C++
+    exception it throws must arrive in Python as a RuntimeError. On the first H100 run a throw from the extension
+    built there crashed the process (test_cuda_ops_raise_clear_errors); this checks the same path in every build
+    that CI makes, in a child process so that a crash fails this test only."""
+    proc = subprocess.run([sys.executable, "-c", _CPU_THROWS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"crashed (exit status {proc.returncode}): {proc.stderr[-1500:]}"
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(SCHEMAS), proc.stdout
+    assert all("raised:" in line and "must be a CUDA tensor, got device cpu" in line for line in lines), proc.stdout
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 
 def _poison_cache() -> None:
