@@ -122,12 +122,16 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
      "--bigram-dim", "8", "--value-embed-layers", "1", "--value-embed-dim", "8", "--doc-attention", "--ema-decay", "0.9", "--muon-weight-decay", "0.04", "--adam-weight-decay", "0.04",
      "--export-scheme", "int6", "--export-embed-scheme", "int8", "--export-mlp-scheme", "int5", "--eval-stride", "16",
      "--gptq-tokens", "512"),
-], ids=["ternary-fused", "qat6", "hybrid", "per-layer", "ternary-g16", "fp8-row", "record-additions"])
+    # per-document LoRA test-time training in the final evaluation
+    ("--ttt-enabled", "--ttt-mode", "lora", "--ttt-lora-chunk", "8", "--ttt-lora-docs", "4"),
+], ids=["ternary-fused", "qat6", "hybrid", "per-layer", "ternary-g16", "fp8-row", "record-additions", "lora-ttt"])
 def test_pluggable_parts_run_end_to_end(tmp_path, tiny_shards, parts):
     assert main(_flags(tiny_shards, tmp_path, "--run-id", "p", "--iterations", "3", "--val-tokens-limit", "512",
                        *parts)) == 0
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["roundtrip_val_bpb"])
     assert summary["late_qat_step"] == (2 if "--late-qat-threshold" in parts else None)
+    if "--ttt-enabled" in parts:
+        assert summary["ttt_adapted_chunks"] == summary["ttt_chunks"] > 1 and math.isfinite(summary["ttt_val_bpb"])
     # quantized layers export their own codes; the rest is per-row int: the roundtrip barely moves the score
     assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05

@@ -23,6 +23,7 @@ LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int7", "int6", "int5", "int4")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
 MUON_BACKENDS = ("newton_schulz", "polar_express")  # tgolf.train.orthogonalize
+TTT_MODES = ("full", "lora")  # tgolf.eval.ttt (the stream, every weight), tgolf.eval.lora_ttt (per document)
 CODE_PACKS = ("lzma", "none")  # tgolf.export.codepack's self-extracting script, or the source files as they are
 
 _LINEAR_KIND = re.compile(r"(?P<family>[a-z0-9]+?)(?:-g(?P<group>[0-9]+))?(?P<row>-row)?")
@@ -161,6 +162,11 @@ class Config:
     ttt_freeze_blocks: int = 0  # the first N transformer blocks are not adapted
     ttt_batch_seqs: int = 32  # sequences of eval_seq_len tokens per SGD step, over all ranks
     ttt_max_seconds: float = 540.0  # stop adapting (still scoring every chunk) to finish within this; 0 = no cap
+    ttt_mode: str = "full"  # full: every weight, SGD on chunks of the stream | lora: per-document LoRA adapters
+    ttt_lora_rank: int = 8  # lora: rank of the adapters on each block's c_q, c_v and on the head
+    ttt_lora_lr: float = 0.01  # lora: Adam learning rate (betas 0.9, 0.95), one step per chunk
+    ttt_lora_chunk: int = 256  # lora: targets scored, then trained on, at a time (context: eval_seq_len tokens)
+    ttt_lora_docs: int = 64  # lora: documents adapted side by side, each with its own adapters
 
     @property
     def head_dim(self) -> int:
@@ -197,6 +203,7 @@ class Config:
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
             "mix_order_reduction": ("auto", "on", "off"),
             "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS, "muon_backend": MUON_BACKENDS,
+            "ttt_mode": TTT_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -257,10 +264,10 @@ class Config:
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: GPTQ calibrates "
                              f"on a dense copy of the model, and linear={self.linear} layers export the codes they "
                              f"trained with")
-        for name in ("ttt_chunk_tokens", "ttt_batch_seqs"):
+        for name in ("ttt_chunk_tokens", "ttt_batch_seqs", "ttt_lora_rank", "ttt_lora_chunk", "ttt_lora_docs"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config field {name}={getattr(self, name)}: must be > 0")
-        for name in ("ttt_epochs", "ttt_lr", "ttt_grad_clip", "ttt_max_seconds"):
+        for name in ("ttt_epochs", "ttt_lr", "ttt_grad_clip", "ttt_max_seconds", "ttt_lora_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
         if not 0 <= self.ttt_momentum < 1:

@@ -2,7 +2,8 @@
 
 ``--eval-stride N`` scores sliding windows; ``--stateful`` carries linear/hybrid attention state across windows
 and reports val_bpb by context length; ``--ttt-enabled`` scores while adapting the model to the tokens already
-scored (tgolf.eval.ttt; the ``--ttt-*`` settings default to the artifact's).
+scored (tgolf.eval.ttt, or per document with ``--ttt-mode lora``: tgolf.eval.lora_ttt; the ``--ttt-*`` settings
+default to the artifact's).
 
 Prints the result as one JSON line (and writes it to ``--out`` when given). Under ``torchrun`` every rank scores
 its share of the windows and rank 0 prints the all-reduced result.
@@ -88,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_stateful(model, val, seq_len, tables, device, num_streams=args.num_streams or world_size,
                                        rank=rank, world_size=world_size)
         elif config.ttt_enabled:
-            from tgolf.eval.ttt import TTTSettings, evaluate_ttt
+            from tgolf.eval.ttt import evaluate_configured_ttt
 
-            result = evaluate_ttt(model, val, seq_len, batch_tokens, tables, device, TTTSettings.from_config(config),
-                                  rank=rank, world_size=world_size, stride=stride)
+            result = evaluate_configured_ttt(config, model, val, seq_len, batch_tokens, tables, device, rank=rank,
+                                             world_size=world_size, stride=stride)
         else:
             result = evaluate(model, val, seq_len, batch_tokens, tables, device, rank=rank, world_size=world_size,
                               stride=stride)

@@ -54,10 +54,11 @@ class TTTSettings:
 
 @dataclass
 class TTTResult(EvalResult):
-    chunks: int = 0
-    adapted_chunks: int = 0  # chunks trained on (all but the last, unless max_seconds stopped adaptation early)
+    chunks: int = 0  # units of adaptation (``unit``): chunks of the stream, or documents (tgolf.eval.lora_ttt)
+    adapted_chunks: int = 0  # units trained on (all chunks but the last, unless max_seconds stopped adaptation early)
     adapt_seconds: float = 0.0  # of ``seconds``, the time spent training
     chunk_bpb: list[float] = field(default_factory=list)  # val_bpb of each chunk, in stream order
+    unit: str = "chunks"
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,22 @@ def evaluate_ttt(model: torch.nn.Module, val_tokens: torch.Tensor, seq_len: int,
                      chunk_bpb=[n / math.log(2) / b if b else float("nan") for n, b in zip(nll, nbytes)])
 
 
+def evaluate_configured_ttt(cfg: Any, model: torch.nn.Module, val_tokens: torch.Tensor, seq_len: int,
+                            batch_tokens: int, tables: ByteTables, device: torch.device | str, *, rank: int = 0,
+                            world_size: int = 1, stride: int = 0,
+                            log: Callable[[str], None] | None = None) -> TTTResult:
+    """Score-first TTT as ``cfg.ttt_mode`` says: "full" (``evaluate_ttt``, the ``ttt_*`` settings; ``stride`` and
+    ``batch_tokens`` as for ``evaluate``) or "lora" (per-document adapters, tgolf.eval.lora_ttt, its own
+    windows)."""
+    if cfg.ttt_mode == "lora":
+        from tgolf.eval.lora_ttt import LoRASettings, evaluate_lora_ttt
+
+        return evaluate_lora_ttt(model, val_tokens, seq_len, tables, device, LoRASettings.from_config(cfg),
+                                 rank=rank, world_size=world_size, seed=cfg.seed, log=log)
+    return evaluate_ttt(model, val_tokens, seq_len, batch_tokens, tables, device, TTTSettings.from_config(cfg),
+                        rank=rank, world_size=world_size, stride=stride, log=log)
+
+
 def _out_of_time(elapsed: float, mean_score: float, mean_adapt: float, chunks_left: int, max_seconds: float,
                  device: torch.device, world_size: int) -> bool:
     """Whether training on the current chunk, then scoring the ``chunks_left`` after it, would overrun
@@ -222,4 +239,4 @@ def _progress(sums: torch.Tensor, done: int, total: int, adapted: int, seconds: 
             f"{adapted} chunks adapted, {seconds:.0f}s")
 
 
-__all__ = ["TTTSettings", "TTTResult", "Chunk", "plan_chunks", "evaluate_ttt"]
+__all__ = ["TTTSettings", "TTTResult", "Chunk", "plan_chunks", "evaluate_ttt", "evaluate_configured_ttt"]

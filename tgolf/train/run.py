@@ -90,8 +90,10 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
         return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
     from tgolf.export.fit import write_fitting_artifact
 
-    if cfg.ttt_enabled:
-        import tgolf.eval.ttt  # noqa: F401  (imported now, so that the code estimate counts it)
+    if cfg.ttt_enabled:  # imported now, so that the code estimate counts them
+        import tgolf.eval.ttt  # noqa: F401
+        if cfg.ttt_mode == "lora":
+            import tgolf.eval.lora_ttt  # noqa: F401
     code = count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()).total + FIT_CODE_SLACK
     info, other, mlp = write_fitting_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                               mlp_scheme=cfg.export_mlp_scheme, embed_scheme=cfg.export_embed_scheme,
@@ -101,15 +103,16 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
 
 def score_first_ttt(cfg: Config, model: torch.nn.Module, val_tokens: torch.Tensor, tables: Any, env: DistEnv,
                     logger: RunLogger, roundtrip: dict) -> Any:
-    """The roundtrip model scored while adapted to the val tokens already scored (tgolf.eval.ttt), in place."""
-    from tgolf.eval.ttt import TTTSettings, evaluate_ttt
+    """The roundtrip model scored while adapted to the val tokens already scored (tgolf.eval.ttt, or per document:
+    tgolf.eval.lora_ttt); full TTT adapts the model in place."""
+    from tgolf.eval.ttt import evaluate_configured_ttt
 
-    result = evaluate_ttt(model, val_tokens, cfg.eval_seq_len or cfg.train_seq_len, cfg.val_batch_size, tables,
-                          env.device, TTTSettings.from_config(cfg), rank=env.rank, world_size=env.world_size,
-                          stride=cfg.eval_stride, log=logger.log)
+    result = evaluate_configured_ttt(cfg, model, val_tokens, cfg.eval_seq_len or cfg.train_seq_len,
+                                     cfg.val_batch_size, tables, env.device, rank=env.rank,
+                                     world_size=env.world_size, stride=cfg.eval_stride, log=logger.log)
     logger.log(f"ttt val_loss:{result.val_loss:.4f} val_bpb:{result.val_bpb:.4f} (gain "
-               f"{result.val_bpb - roundtrip['val_bpb']:+.4f}) adapted on {result.adapted_chunks} of "
-               f"{result.chunks} chunks, eval_time:{1000 * result.seconds:.0f}ms "
+               f"{result.val_bpb - roundtrip['val_bpb']:+.4f}) {cfg.ttt_mode}: adapted on {result.adapted_chunks} "
+               f"of {result.chunks} {result.unit}, eval_time:{1000 * result.seconds:.0f}ms "
                f"(training {1000 * result.adapt_seconds:.0f}ms)")
     return result
 
