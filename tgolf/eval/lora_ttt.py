@@ -73,19 +73,18 @@ class _Adapters(nn.Module):
         self.a = nn.Parameter(a.to(device).expand(docs, rank, fan_in).clone())
         self.b = nn.Parameter(torch.zeros(docs, fan_out, rank, device=device))
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """x [n, T, fan_in] for the documents ``rows`` of the batch → Δy [n, T, fan_out]."""
-        a, b = self.a[rows].to(x.dtype), self.b[rows].to(x.dtype)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, T, fan_in] for the batch's first n documents (those still running) → Δy [n, T, fan_out]."""
+        a, b = self.a[: x.shape[0]].to(x.dtype), self.b[: x.shape[0]].to(x.dtype)
         return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
 class _BatchLoRA:
     """Adapters on every block's c_q and c_v (through forward hooks) and on the head, for one batch of
-    documents; ``rows`` names the batch's documents in the forward being run."""
+    documents; a forward over fewer rows than the batch holds its first documents."""
 
     def __init__(self, model: nn.Module, docs: int, rank: int, device: torch.device, seed: int):
         generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
-        self.rows = torch.arange(docs, device=device)
         self.layers: list[tuple[nn.Module, _Adapters]] = []
         for block in model.blocks:
             for layer in (block.attn.c_q, block.attn.c_v):
@@ -97,7 +96,7 @@ class _BatchLoRA:
 
     def _hook(self, adapters: _Adapters):
         def add_delta(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            return output + adapters(inputs[0], self.rows).to(output.dtype)
+            return output + adapters(inputs[0]).to(output.dtype)
         return add_delta
 
     def parameters(self) -> list[nn.Parameter]:
@@ -109,11 +108,11 @@ class _BatchLoRA:
 
 
 def _per_token_nll(model: nn.Module, lora: _BatchLoRA | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Nats of each target [n, T], through the adapters of ``lora.rows`` when given (the head's delta included)."""
+    """Nats of each target [n, T], through ``lora``'s adapters when given (the head's delta included)."""
     if lora is None:
         return model(x, y, reduction="none").float()
     hidden = model.hidden_states(x)
-    logits = F.linear(hidden, model.head_weight.to(hidden.dtype)) + lora.head(hidden, lora.rows).to(hidden.dtype)
+    logits = F.linear(hidden, model.head_weight.to(hidden.dtype)) + lora.head(hidden).to(hidden.dtype)
     logits = logits.float()
     cap = model.config.logit_softcap
     if cap > 0:
@@ -145,8 +144,6 @@ def _run_batch(model: nn.Module, val_tokens: torch.Tensor, starts: np.ndarray, l
             y = val_tokens[positions + 1].to(device=device, dtype=torch.int64, non_blocking=True)
             scored = scored.to(device, non_blocking=True)
             train = adapt and bool((length_t[:active] > (c + 1) * chunk).any())
-            if lora is not None:
-                lora.rows = torch.arange(active, device=device)
             with torch.set_grad_enabled(train), autocast_for(device):
                 nll = _per_token_nll(model, lora, x, y)
             totals.add(nll.detach(), token_bytes(x, y, tables), scored)
