@@ -7,8 +7,9 @@
 # Within GPU_FOLLOWUP_SECONDS (default 230): the contest benchmarks the check's budget cut (`tgolf.bench --resume`
 # into the check's own bench/); where torch lacks the fix of pytorch#179423, a few profiled baseline steps with
 # inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
-# tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; then, with what is left, the Triton GEMMs'
-# tile search (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
+# tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; per-document LoRA TTT on the check's
+# artifact and SHARDS_DIR (lora_ttt.json); then, with what is left, the Triton GEMMs' tile search
+# (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
 # comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
 # bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
 #
@@ -24,9 +25,10 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 SKIP=" ${GPU_CHECK_SKIP:-} "
 DATA=${2:-}
 case $DEVICE in
-  cuda) BENCH_ARGS=(--shapes contest --device cuda); TUNE_ENV=(); RUN_ARGS=(--preset baseline); AB_LIMIT=100 ;;
+  cuda) BENCH_ARGS=(--shapes contest --device cuda); TUNE_ENV=(); RUN_ARGS=(--preset baseline); AB_LIMIT=100
+    EVAL_ARGS=() ;;
   cpu) BENCH_ARGS=(--shapes quick --device cpu --no-compile); TUNE_ENV=(TRITON_INTERPRET=1)
-    RUN_ARGS=(--preset smoke --device cpu --compile off); AB_LIMIT=60 ;;
+    RUN_ARGS=(--preset smoke --device cpu --compile off); AB_LIMIT=60; EVAL_ARGS=(--device cpu) ;;
   *) echo "GPU_CHECK_DEVICE=$DEVICE: expected cuda or cpu" >&2; exit 2 ;;
 esac
 T0=$(date +%s)
@@ -57,6 +59,15 @@ if ((AB_LIMIT > 0)); then
     --no-charts --out "$DIR/profile-mix-order-on"
 else
   skipped profile-mix-order-on "torch has the fix of pytorch#179423: nothing to compare" profile-mix-order-on.log
+fi
+# Per-document LoRA TTT on the artifact the check trained: its time on a GPU and its gain over the roundtrip
+# val_bpb in the check's train/baseline/summary.json.
+ARTIFACT=$DIR/train/baseline/model.tgolf
+if [[ -f $ARTIFACT && -n $DATA ]]; then
+  step lora-ttt 60 lora-ttt.log $PY -m tgolf.eval --artifact "$ARTIFACT" --data "$DATA" "${EVAL_ARGS[@]}" \
+    --ttt-enabled --ttt-mode lora --out "$DIR/lora_ttt.json"
+else
+  skipped lora-ttt "no artifact from the check's training, or no shards given" lora-ttt.log
 fi
 left=$((BUDGET - ($(date +%s) - T0) - 20))
 step tune "$left" tune.log env "${TUNE_ENV[@]}" $PY -m tgolf.bench.tune --device "$DEVICE" --out "$DIR/tune" \

@@ -57,6 +57,12 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
     report = json.loads((folder / "profile" / "profile.json").read_text())
     assert "train/baseline/profile/trace.json.gz" in report["meta"]["trace"] and len(report["steps"]) == 2
 
+    # The follow-up's LoRA TTT step scores the artifact that training wrote (its other steps have their own test).
+    proc = _followup(tmp_path, tiny_shards, GPU_CHECK_SKIP="bench-resume profile-mix-order-on tune")
+    assert _steps(folder)["lora-ttt"] == "ok", proc.stdout[-3000:]
+    lora = json.loads((folder / "lora_ttt.json").read_text())
+    assert lora["unit"] == "documents" and lora["adapted_chunks"] == lora["chunks"] > 0
+
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
         names = set(tar.getnames())
     prefix = f"profiles/{folder.name}/"
@@ -65,11 +71,11 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
         assert prefix + name in names, name
 
 
-def _followup(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+def _followup(tmp_path: Path, *data: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", **env}
     full_env.pop("TRITON_INTERPRET", None)
-    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_followup.sh"), str(tmp_path / "out2")], env=full_env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_followup.sh"), str(tmp_path / "out2"), *map(str, data)],
+                          env=full_env, capture_output=True, text=True, timeout=600)
 
 
 def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
@@ -80,6 +86,7 @@ def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
     steps = _steps(folder)
     assert proc.returncode == 0, (steps, proc.stdout[-3000:], proc.stderr[-2000:])
     assert steps["bench-resume"] == "ok" and steps["tune"] == "ok", steps
+    assert steps["lora-ttt"].startswith("skipped (no artifact"), steps  # the check here trained nothing
     import torch._inductor.config as inductor_config  # the A/B profile runs only where torch lacks the fix
     has_fix = hasattr(inductor_config.triton, "mix_order_reduction_max_reads")
     assert steps["profile-mix-order-on"] == ("skipped (torch has the fix of pytorch#179423: nothing to compare)"
