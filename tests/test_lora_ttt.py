@@ -12,13 +12,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tgolf.config import Config
-from tgolf.data.tokenizer import BOS_ID, ByteTables
+from tgolf.data.tokenizer import BOS_ID
 from tgolf.eval import lora_ttt
 from tgolf.eval.bpb import Totals, evaluate, token_bytes
 from tgolf.eval.lora_ttt import LoRASettings, evaluate_lora_ttt, split_documents
 from tgolf.model import build_model
+from test_ttt import VOCAB, tables  # byte tables with boundary, leading-space and multi-byte tokens
 
-VOCAB, SEQ = 300, 32
+SEQ = 32
 
 
 def tiny_gpt(**changes) -> torch.nn.Module:
@@ -31,14 +32,6 @@ def tiny_gpt(**changes) -> torch.nn.Module:
             if name.endswith("proj.weight"):
                 p.normal_(std=0.05)
     return model
-
-
-def tables() -> ByteTables:
-    g = torch.Generator().manual_seed(3)
-    boundary = torch.zeros(VOCAB, dtype=torch.bool)
-    boundary[:3] = True
-    return ByteTables(torch.randint(1, 4, (VOCAB,), generator=g).to(torch.int16), torch.rand(VOCAB, generator=g) < 0.3,
-                      boundary)
 
 
 def settings(**changes) -> LoRASettings:
