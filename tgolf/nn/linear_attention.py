@@ -20,8 +20,8 @@ constant: exp(W g_h)) or into the shifted keys (per-token gates: exp(G_{s+W} −
 
 Documents (``starts``, True at each document's BOS; the GPT's ``doc_attention``): the state is reset at every
 start by a log decay of RESET_LOG_DECAY added to that token's gate (so a head's constant decay becomes a per-token
-gate), which scales everything before the start by exp(−30) ≈ 1e-13, nothing in bf16 or float32 arithmetic; and
-the hybrid's window sees only keys of the query's document.
+gate), which scales everything before the start by exp(−30) ≈ 1e-13, far below what float32 (let alone bf16)
+resolves beside the document's own terms; and the hybrid's window sees only keys of the query's document.
 
 Streaming (stateful evaluation): ``start_stream()`` makes the module carry, from one call to the next, the
 recurrent state, the absolute RoPE position, and for the hybrid the last W keys/values/gates/starts;
