@@ -161,6 +161,12 @@ def test_bad_settings_name_their_field(field, value):
         Config(**{field: value}).validate()
 
 
+def test_a_chunk_longer_than_the_runs_windows_fails_before_training():
+    with pytest.raises(ValueError, match="ttt_lora_chunk=512 is longer than the evaluation's windows"):
+        Config(ttt_enabled=True, ttt_mode="lora", ttt_lora_chunk=512, train_seq_len=256).validate()
+    Config(ttt_enabled=True, ttt_mode="lora", ttt_lora_chunk=512, train_seq_len=256, eval_seq_len=1024).validate()
+
+
 def _rank_main(rank: int, world: int, init: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:

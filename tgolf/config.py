@@ -270,6 +270,10 @@ class Config:
         for name in ("ttt_epochs", "ttt_lr", "ttt_grad_clip", "ttt_max_seconds", "ttt_lora_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
+        eval_seq_len = self.eval_seq_len or self.train_seq_len
+        if self.ttt_enabled and self.ttt_mode == "lora" and self.ttt_lora_chunk > eval_seq_len:
+            raise ValueError(f"config field ttt_lora_chunk={self.ttt_lora_chunk} is longer than the evaluation's "
+                             f"windows (eval_seq_len or train_seq_len: {eval_seq_len}); a chunk must fit in one")
         if not 0 <= self.ttt_momentum < 1:
             raise ValueError(f"config field ttt_momentum={self.ttt_momentum}: must be in [0, 1)")
         if not 0 <= self.ttt_freeze_blocks <= self.num_layers:
