@@ -184,3 +184,14 @@ def test_two_ranks_score_like_one_process(tmp_path):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert (got["tokens"], got["bytes"], got["chunks"], got["adapted_chunks"]) == (one.tokens, one.bytes, 8, 8)
         assert got["val_loss"] == pytest.approx(one.val_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("variant", [dict(linear="ternary"), dict(attention="hybrid", attention_window=8),
+                                     dict(tie_embeddings=False, loss="fused"), dict(doc_attention=True)],
+                         ids=["ternary", "hybrid", "untied-fused-loss", "doc-attention"])
+def test_adapts_every_model_variant(variant):
+    """The adapters hook c_q and c_v whatever the layer (ternary, linear attention) and add to whichever head."""
+    model, tokens = tiny_gpt(**variant), documents_stream(lengths=(60, 45, 52, 38))
+    plain = evaluate_lora_ttt(model, tokens, SEQ, tables(), "cpu", settings(lr=0.0))
+    adapted = evaluate_lora_ttt(model, tokens, SEQ, tables(), "cpu", settings(lr=0.1))
+    assert adapted.tokens == plain.tokens == len(tokens) - 1 and adapted.val_bpb < plain.val_bpb
