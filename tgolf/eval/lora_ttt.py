@@ -143,13 +143,13 @@ def _run_batch(model: nn.Module, val_tokens: torch.Tensor, starts: np.ndarray, l
             x = val_tokens[positions].to(device=device, dtype=torch.int64, non_blocking=True)
             y = val_tokens[positions + 1].to(device=device, dtype=torch.int64, non_blocking=True)
             scored = scored.to(device, non_blocking=True)
-            train = adapt and bool((length_t[:active] > (c + 1) * chunk).any())
+            more = length_t[:active] > (c + 1) * chunk  # documents with a chunk after this one
+            train = adapt and bool(more.any())
             with torch.set_grad_enabled(train), autocast_for(device):
                 nll = _per_token_nll(model, lora, x, y)
             totals.add(nll.detach(), token_bytes(x, y, tables), scored)
             if train:  # one step on each unfinished document's mean loss over this chunk
-                more = (length_t[:active] > (c + 1) * chunk).to(device)[:, None]
-                weights = (scored & more).float()
+                weights = (scored & more.to(device)[:, None]).float()
                 loss = (nll * weights).sum(1) / weights.sum(1).clamp(min=1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.sum().backward()
