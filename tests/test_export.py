@@ -421,7 +421,7 @@ def test_format_corruption_gives_clear_errors():
     off, length = entries["int6"]["codes"]
     cases = [
         (b"XXXXXXXX" + blob[8:], "magic"),
-        (blob[:8] + struct.pack("<I", 3) + blob[12:], "version 3"),
+        (blob[:8] + struct.pack("<I", VERSION + 1) + blob[12:], f"version {VERSION + 1}"),
         (blob[:12] + struct.pack("<Q", len(blob)) + blob[20:], "truncated header"),
         (blob[:10], "too short"),
         (_join(header, payload)[:-1], "payload_bytes"),

@@ -22,8 +22,10 @@ __getattr__, __all__ = lazy_exports(__name__, {
     "tgolf.export.codebytes": ("CodeBytes", "count_code_bytes"),
     "tgolf.export.compress": ("compress", "decompress"),
     "tgolf.export.format": ("FormatError", "deserialize", "serialize"),
+    "tgolf.export.lowrank": ("lowrank_correction",),
     "tgolf.export.packing": ("pack_base3", "pack_bits", "pack_fp16_adaptive", "pack_trits", "unpack_base3",
                              "unpack_bits", "unpack_fp16_adaptive", "unpack_trits"),
     "tgolf.export.quantize": ("QuantTensor", "dequantize_model", "quantize_model"),
     "tgolf.export.submission": ("record_folder_name", "write_submission"),
+    "tgolf.export.trained": ("load_trained", "save_trained"),
 })

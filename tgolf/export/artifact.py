@@ -68,14 +68,15 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
                    compressor: str = "best", *, overwrite: bool = False, small_numel: int = SMALL_NUMEL,
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    code: CodeBytes | None = None, hessians: Mapping[str, Any] | None = None,
-                   schemes: Mapping[str, str] | None = None, clip_search: Sequence[float] = ()) -> ArtifactInfo:
+                   schemes: Mapping[str, str] | None = None, clip_search: Sequence[float] = (),
+                   lowrank_rank: int = 0, lowrank_scheme: str = "int4") -> ArtifactInfo:
     """Quantize ``model``, write the compressed artifact to ``path`` atomically and account for its bytes.
 
     ``config`` is the run's tgolf Config (or its ``to_dict()``); the reload rebuilds the model from it.
     An existing file is never replaced unless ``overwrite=True``. ``code`` defaults to ``count_code_bytes()``
     packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on
-    GPTQ for those matrices, ``schemes`` gives some matrices their own bits and ``clip_search`` searches each
-    row's clip (see quantize_model).
+    GPTQ for those matrices, ``schemes`` gives some matrices their own bits, ``clip_search`` searches each
+    row's clip and ``lowrank_rank`` adds low-rank corrections of the rounding errors (see quantize_model).
     The artifact is decompressed and compared before it is kept.
     """
     path = Path(path)
@@ -83,10 +84,11 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
         raise FileExistsError(f"artifact {path} already exists; pass overwrite=True to replace it")
     qtensors = quantize_model(model, scheme, small_numel=small_numel, small_dtype=small_dtype,
                               clip_quantile=clip_quantile, hessians=hessians, schemes=schemes,
-                              clip_search=clip_search)
+                              clip_search=clip_search, lowrank_rank=lowrank_rank, lowrank_scheme=lowrank_scheme)
     meta = {"tgolf_version": tgolf.__version__, "export_scheme": scheme, "small_dtype": small_dtype,
             "clip_quantile": None if clip_search else clip_quantile, "clip_search": list(clip_search),
-            "gptq_tensors": len(hessians or {})}
+            "gptq_tensors": len(hessians or {}), "lowrank_rank": lowrank_rank,
+            "lowrank_scheme": lowrank_scheme if lowrank_rank else None}
     blob = serialize(qtensors, _config_dict(config), meta)
     container, chosen, sizes = compress(blob, compressor)
     if decompress(container)[0] != blob:  # never keep an artifact that does not read back
@@ -109,7 +111,8 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
     model_bytes = path.stat().st_size
     params: dict[str, int] = {}
     for qt in qtensors.values():
-        params[qt.scheme] = params.get(qt.scheme, 0) + qt.numel
+        for part in (qt, *(qt.correction or ())):
+            params[part.scheme] = params.get(part.scheme, 0) + part.numel
     info = ArtifactInfo(path=str(path), scheme=scheme, compressor=chosen, raw_bytes=len(blob),
                         model_bytes=model_bytes, code_bytes=0, artifact_bytes=model_bytes, compressed_sizes=sizes,
                         params_by_scheme=params)

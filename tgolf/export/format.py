@@ -3,7 +3,8 @@
 Layout (all integers little-endian):
 
     offset 0    8 bytes   magic b"TGOLFMDL"
-    offset 8    u32       format version (2; version 1 files still load, see below)
+    offset 8    u32       format version (2, or 3 when a tensor has a low-rank correction; version 1 files still
+                          load, see below)
     offset 12   u64       H = header length in bytes
     offset 20   H bytes   header: UTF-8 JSON object
     offset 20+H           payload: raw buffers, back to back, exactly ``payload_bytes`` long, to the end of the file
@@ -15,6 +16,10 @@ Header keys: ``format`` ("tgolf-model"), ``config`` (the tgolf Config as a dict)
      "dtype": str (raw only), "codes": [offset, length], "scales": [offset, length],
      "scales_coding": str}                                                            # quantized schemes
      or "data": [offset, length]                                                      # fp16, fp32, raw
+
+An int matrix's entry may also hold ``"correction": {"up": entry, "down": entry}`` (version 3): two int-scheme
+entries of the same layout (names, ``shape`` [r, N] and [r, K], codes and scales in the same sections), and the
+reloaded matrix is ``codes · scales + upᵀ · down`` (tgolf.export.lowrank).
 
 Offsets are relative to the payload start. Buffers:
   * ``data``: fp16 / fp32 / the raw dtype's bytes, C order.
@@ -43,7 +48,8 @@ Offsets are relative to the payload start. Buffers:
     N(0, 0.02) matrices: 11,417,970 bytes split vs 11,413,293 whole).
 
 Version 1 (before "trits" and "adaptive") had no ``scales_coding`` field: its scales are fp16 and its ternary codes
-"base3"; such files load unchanged. A version-1 reader refuses version-2 files by their version number.
+"base3"; such files load unchanged. A version-1 reader refuses version-2 files by their version number. Version 3
+only adds ``correction``; the writer uses it only for files that have one, so other files stay as they were.
 
 Loading checks the magic, version, header JSON, every field of every entry, each buffer's exact length for its
 shape and packing (an adaptive scales buffer: that it decodes to exactly N×G values and ends where its span
@@ -66,8 +72,8 @@ from tgolf.export.packing import (pack_bits, pack_fp16_adaptive, pack_trits, pac
 from tgolf.export.quantize import QuantTensor, code_range, num_groups, scheme_bits
 
 MAGIC = b"TGOLFMDL"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3  # the newest version: written when a tensor has a correction, else 2
+READABLE_VERSIONS = (1, 2, 3)
 FORMAT_NAME = "tgolf-model"
 _PREFIX = struct.Struct("<8sIQ")
 _RAW_DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -151,24 +157,7 @@ def serialize(tensors: Mapping[str, QuantTensor], config: Mapping[str, Any],
     """The model file's bytes for ``tensors`` (from quantize_model) and the run's config dict."""
     _require_little_endian()
     sections: dict[str, list[tuple[dict, str, bytes]]] = {"codes": [], "scales": [], "data": []}
-    entries = []
-    for name, qt in tensors.items():
-        entry: dict[str, Any] = {"name": name, "scheme": qt.scheme, "shape": list(qt.shape),
-                                 "group_size": qt.group_size}
-        if qt.codes is not None:
-            entry["packing"] = code_packing(qt.scheme)
-            entry["scales_coding"], scale_bytes = _pack_scales(qt.scheme, qt.scales)
-            sections["codes"].append((entry, "codes", _pack_codes(qt.codes, entry["packing"])))
-            sections["scales"].append((entry, "scales", scale_bytes))
-        else:
-            entry["packing"] = "none"
-            if qt.scheme == "raw":
-                entry["dtype"] = str(qt.data.dtype).removeprefix("torch.")
-                data = qt.data
-            else:
-                data = qt.data.to(_FLOAT_SCHEMES[qt.scheme])
-            sections["data"].append((entry, "data", _tensor_bytes(data)))
-        entries.append(entry)
+    entries = [_entry(name, qt, sections) for name, qt in tensors.items()]
     offset, chunks = 0, []
     for kind in ("codes", "scales", "data"):
         for entry, key, buf in sections[kind]:
@@ -178,7 +167,31 @@ def serialize(tensors: Mapping[str, QuantTensor], config: Mapping[str, Any],
     header = {"format": FORMAT_NAME, "config": dict(config), "meta": dict(meta or {}), "payload_bytes": offset,
               "tensors": entries}
     header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    return _PREFIX.pack(MAGIC, VERSION, len(header_bytes)) + header_bytes + b"".join(chunks)
+    version = VERSION if any(qt.correction is not None for qt in tensors.values()) else 2
+    return _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes + b"".join(chunks)
+
+
+def _entry(name: str, qt: QuantTensor, sections: dict[str, list[tuple[dict, str, bytes]]]) -> dict[str, Any]:
+    """The header entry of one tensor; its buffers are queued in ``sections`` (their spans are set later)."""
+    entry: dict[str, Any] = {"name": name, "scheme": qt.scheme, "shape": list(qt.shape), "group_size": qt.group_size}
+    if qt.codes is not None:
+        entry["packing"] = code_packing(qt.scheme)
+        entry["scales_coding"], scale_bytes = _pack_scales(qt.scheme, qt.scales)
+        sections["codes"].append((entry, "codes", _pack_codes(qt.codes, entry["packing"])))
+        sections["scales"].append((entry, "scales", scale_bytes))
+        if qt.correction is not None:
+            up, down = qt.correction
+            entry["correction"] = {"up": _entry(f"{name} correction up", up, sections),
+                                   "down": _entry(f"{name} correction down", down, sections)}
+        return entry
+    entry["packing"] = "none"
+    if qt.scheme == "raw":
+        entry["dtype"] = str(qt.data.dtype).removeprefix("torch.")
+        data = qt.data
+    else:
+        data = qt.data.to(_FLOAT_SCHEMES[qt.scheme])
+    sections["data"].append((entry, "data", _tensor_bytes(data)))
+    return entry
 
 
 def _get(entry: Mapping[str, Any], key: str, kinds: type, where: str) -> Any:
@@ -262,6 +275,8 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
         return bytes(payload[start: start + length])
 
     numel = math.prod(shape)
+    if "correction" in entry and not scheme.startswith("int"):
+        raise FormatError(f"{where}: field 'correction' is only allowed on int schemes, not {scheme!r}")
     if bits is None:
         if packing != "none":
             raise FormatError(f"{where}: field 'packing' is {packing!r}, expected 'none' for scheme {scheme!r}")
@@ -285,8 +300,9 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
     if scales_coding not in ("fp16", "adaptive"):
         raise FormatError(f"{where}: field 'scales_coding' is {scales_coding!r}, expected 'fp16' or 'adaptive'")
     n, k = shape
+    code_bytes = take("codes", _codes_length(packing, numel))
     try:
-        codes = _unpack_codes(take("codes", _codes_length(packing, numel)), packing, numel)
+        codes = _unpack_codes(code_bytes, packing, numel)
     except ValueError as exc:
         raise FormatError(f"{where}: field 'codes': {exc}") from None
     low, high = code_range(scheme)
@@ -296,13 +312,42 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
     if scales_coding == "fp16":
         scales = _tensor_from_bytes(take("scales", n * groups * 2), torch.float16, (n, groups)).float()
     else:
+        scale_bytes = take("scales", None)
         try:
-            scales = unpack_fp16_adaptive(take("scales", None), n * groups).reshape(n, groups).float()
+            scales = unpack_fp16_adaptive(scale_bytes, n * groups).reshape(n, groups).float()
         except ValueError as exc:
             raise FormatError(f"{where}: field 'scales': {exc}") from None
     if not bool(torch.isfinite(scales).all()):
         raise FormatError(f"{where}: field 'scales' holds NaN or inf")
-    return name, QuantTensor(scheme, shape, codes=codes.reshape(n, k), scales=scales, group_size=group_size)
+    correction = None
+    if "correction" in entry:
+        correction = _parse_correction(entry, where, shape, payload, payload_bytes, spans, version)
+    return name, QuantTensor(scheme, shape, codes=codes.reshape(n, k), scales=scales, group_size=group_size,
+                             correction=correction)
+
+
+def _parse_correction(entry: Mapping[str, Any], where: str, shape: tuple[int, ...], payload: memoryview,
+                      payload_bytes: int, spans: list[tuple[int, int, str]], version: int
+                      ) -> tuple[QuantTensor, QuantTensor]:
+    """An int matrix's (up [r, N], down [r, K]) low-rank correction, every field checked."""
+    if version < 3:
+        raise FormatError(f"{where}: field 'correction' needs a version 3 file, this one is version {version}")
+    correction = _get(entry, "correction", dict, where)
+    parts = []
+    for key, width in (("up", shape[0]), ("down", shape[1])):
+        sub = _get(correction, key, dict, f"{where} correction")
+        _, part = _parse_entry(sub, 0, payload, payload_bytes, spans, version)
+        part_where = f"{where} correction {key}"
+        if not part.scheme.startswith("int") or part.group_size is not None or part.correction is not None:
+            raise FormatError(f"{part_where}: must be an int4..int8 matrix with per-row scales and no correction "
+                              f"of its own")
+        if len(part.shape) != 2 or part.shape[1] != width or part.shape[0] < 1:
+            raise FormatError(f"{part_where}: field 'shape' is {list(part.shape)}, expected [r, {width}] with r >= 1")
+        parts.append(part)
+    up, down = parts
+    if up.shape[0] != down.shape[0]:
+        raise FormatError(f"{where}: correction ranks differ: up has {up.shape[0]} rows, down {down.shape[0]}")
+    return up, down
 
 
 def deserialize(blob: bytes | bytearray | memoryview) -> tuple[dict[str, QuantTensor], dict[str, Any],

@@ -66,6 +66,17 @@ def collect_hessians(model: nn.Module, batches: Iterable[tuple[torch.Tensor, tor
     return {name: total / counts[name] for name, total in sums.items()}
 
 
+def damped_hessian(hessian: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A float64 copy of ``hessian`` on ``device`` that has a Cholesky factor: inputs that were always zero (their
+    weights never matter: each is rounded alone) get a unit diagonal, and every diagonal entry gets ``DAMPING``
+    times their mean."""
+    h = hessian.detach().to(device, torch.float64).clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(DAMPING * h.diagonal().mean())
+    return h
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Tensor, bits: int,
                   act_order: bool = True) -> torch.Tensor:
     """int8 codes [N, K] in [-qmax, qmax] for ``weight`` [N, K] with per-row ``scales`` [N, 1] (fixed, e.g.
@@ -84,10 +95,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, scales: torch.Ten
         raise ValueError("hessian contains NaN or inf values")
     qmax = qmax_for_bits(bits)
     w = weight.detach().double().clone()
-    h = hessian.detach().to(w.device, torch.float64).clone()
-    dead = h.diagonal() <= 0  # inputs that were always zero: their weights never matter, round them alone
-    h[dead, dead] = 1.0
-    h.diagonal().add_(DAMPING * h.diagonal().mean())
+    h = damped_hessian(hessian, w.device)
     order = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(k, device=w.device)
     w, h = w[:, order], h[order][:, order]
     # Upper Cholesky factor of H⁻¹: row j holds how column j's error moves the columns after it.

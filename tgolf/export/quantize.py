@@ -17,7 +17,8 @@ What each state entry becomes (``quantize_model``):
   99.99984th percentile of |w| in each row (scheme ``"int<bits>"``; ``schemes`` gives some their own bits, e.g.
   the embedding). With ``clip_search`` each row instead takes, of those clip quantiles, the one whose round trip
   has the least squared error (the records' "GPTQ-lite": ``CLIP_SEARCH_QUANTILES``). A matrix with an input
-  second moment in ``hessians`` keeps those scales and takes its codes from GPTQ (``tgolf.export.gptq``).
+  second moment in ``hessians`` keeps those scales and takes its codes from GPTQ (``tgolf.export.gptq``). With
+  ``lowrank_rank`` it also carries a low-rank int correction of its rounding error (``tgolf.export.lowrank``).
 
 Scales are float32 values exactly representable in fp16 (the quantizer rounds them through fp16; codes and scales
 taken from modules are checked), so the file stores them as fp16 without changing a single output.
@@ -52,6 +53,8 @@ class QuantTensor:
 
     scheme: "fp16" | "fp32" | "raw" | "int4".."int8" | "qat4".."qat8" | "ternary"
     codes:  int8 [N, K]; scales: float32 [N, G] with G = ceil(K / group_size) (G = 1 when group_size is None).
+    correction: for an int matrix, an optional low-rank term (up [r, N], down [r, K], both int schemes) that
+    ``dequantize`` adds as upᵀ · down (tgolf.export.lowrank).
     """
 
     scheme: str
@@ -60,6 +63,7 @@ class QuantTensor:
     codes: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     group_size: int | None = None
+    correction: tuple["QuantTensor", "QuantTensor"] | None = None
 
     @property
     def bits(self) -> int | None:
@@ -74,7 +78,11 @@ class QuantTensor:
         """float32 tensor (raw tensors keep their dtype)."""
         if self.codes is None:
             return self.data.clone() if self.scheme == "raw" else self.data.float()
-        return dequantize_weight(self.codes, self.scales, self.group_size).reshape(self.shape)
+        weight = dequantize_weight(self.codes, self.scales, self.group_size).reshape(self.shape)
+        if self.correction is not None:
+            up, down = self.correction
+            weight = weight + up.dequantize().T @ down.dequantize()
+        return weight
 
 
 def scheme_bits(scheme: str) -> int | None:
@@ -230,16 +238,22 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    hessians: Mapping[str, torch.Tensor] | None = None,
                    schemes: Mapping[str, str] | None = None,
-                   clip_search: Sequence[float] = ()) -> dict[str, QuantTensor]:
+                   clip_search: Sequence[float] = (), lowrank_rank: int = 0,
+                   lowrank_scheme: str = "int4") -> dict[str, QuantTensor]:
     """Every state entry of ``model`` as a QuantTensor, in state_dict order (see the module docstring).
 
     ``hessians``: ``{state name: H [K, K]}`` from ``tgolf.export.gptq.collect_hessians``; ``schemes``: ``{state
     name: "int<bits>"}`` for float matrices stored with other bits than ``scheme`` (e.g. the embedding, to which
     the score is the most sensitive; a tensor small enough to stay float ignores it); ``clip_search``: clip
-    quantiles searched per row instead of ``clip_quantile`` (see ``quantize_rows``). A hessian for a tensor that
-    is not an int matrix of this export, or a scheme for a name the model lacks, raises ValueError.
+    quantiles searched per row instead of ``clip_quantile`` (see ``quantize_rows``); ``lowrank_rank`` > 0: each int
+    matrix also stores a rank-``lowrank_rank`` ``lowrank_scheme`` correction of its rounding error
+    (``tgolf.export.lowrank``, weighted by its hessian when it has one). A hessian for a tensor that is not an int
+    matrix of this export, or a scheme for a name the model lacks, raises ValueError.
     """
     bits = int_bits(scheme, "scheme")
+    int_bits(lowrank_scheme, "lowrank_scheme")
+    if lowrank_rank < 0:
+        raise ValueError(f"lowrank_rank={lowrank_rank}: must be >= 0 (0 = no correction)")
     tensor_bits = {name: int_bits(value, f"schemes[{name!r}]") for name, value in (schemes or {}).items()}
     if small_dtype not in ("fp16", "fp32"):
         raise ValueError(f"small_dtype={small_dtype!r}: expected 'fp16' or 'fp32'")
@@ -268,12 +282,18 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
             else:
                 _check_finite(name, tensor)
                 own_bits = tensor_bits.pop(name, bits)
-                codes, scales = quantize_rows(tensor.detach().float(), own_bits, clip_quantile, clip_search)
-                if name in hessians:
+                weight, hessian = tensor.detach().float(), hessians.pop(name, None)
+                codes, scales = quantize_rows(weight, own_bits, clip_quantile, clip_search)
+                if hessian is not None:
                     from tgolf.export.gptq import gptq_quantize  # only runs that calibrate import (and count) it
 
-                    codes = gptq_quantize(tensor.detach().float(), hessians.pop(name), scales, own_bits).cpu()
+                    codes = gptq_quantize(weight, hessian, scales, own_bits).cpu()
                 out[name] = QuantTensor(f"int{own_bits}", tuple(tensor.shape), codes=codes, scales=scales)
+                if lowrank_rank:
+                    from tgolf.export.lowrank import lowrank_correction  # imported (and counted) only when used
+
+                    out[name].correction = lowrank_correction(weight, out[name].dequantize(), lowrank_rank,
+                                                              lowrank_scheme, hessian)
     if hessians:
         raise ValueError(f"hessians given for tensors that are not int matrices of this export: {sorted(hessians)}")
     unknown = sorted(set(tensor_bits) - set(out))

@@ -74,31 +74,42 @@ def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, 
     return {name: hessians[name] for name in names}
 
 
-def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | None, logger: RunLogger
-           ) -> tuple[Any, tuple[str, str]]:
+def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | None, logger: RunLogger,
+           fit_code_bytes: int | None = None) -> tuple[Any, tuple[str, str]]:
     """The artifact (its code bytes are counted later, once the roundtrip has imported everything), and the
     schemes of the matrices and the MLP matrices it has: the configured ones, or with ``export_fit`` the first
-    of fewer bits that fit."""
-    from tgolf.export import CodeBytes, count_code_bytes, write_artifact
+    of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's code, estimated)."""
+    from tgolf.export import CodeBytes, write_artifact
     from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_schemes
 
     options = dict(compressor=cfg.compressor, hessians=hessians, code=CodeBytes(total=0, files=()),
-                   clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else ())
+                   clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else (),
+                   lowrank_rank=cfg.export_lowrank_rank, lowrank_scheme=cfg.export_lowrank_scheme)
     if not cfg.export_fit:
         info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True,
                               schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme), **options)
         return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
     from tgolf.export.fit import write_fitting_artifact
 
-    if cfg.ttt_enabled:  # imported now, so that the code estimate counts them
-        import tgolf.eval.ttt  # noqa: F401
-        if cfg.ttt_mode == "lora":
-            import tgolf.eval.lora_ttt  # noqa: F401
-    code = count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()).total + FIT_CODE_SLACK
+    code = estimated_code_bytes(cfg) if fit_code_bytes is None else fit_code_bytes
     info, other, mlp = write_fitting_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                               mlp_scheme=cfg.export_mlp_scheme, embed_scheme=cfg.export_embed_scheme,
                                               limit=cfg.max_artifact_bytes, code_bytes=code, log=logger.log, **options)
     return info, (other, mlp)
+
+
+def estimated_code_bytes(cfg: Config) -> int:
+    """The run's code bytes, counted before the evaluation has imported all of its modules."""
+    from tgolf.export import count_code_bytes
+
+    # imported now, so that the estimate counts them
+    if cfg.export_lowrank_rank:
+        import tgolf.export.lowrank  # noqa: F401
+    if cfg.ttt_enabled:
+        import tgolf.eval.ttt  # noqa: F401
+        if cfg.ttt_mode == "lora":
+            import tgolf.eval.lora_ttt  # noqa: F401
+    return count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()).total + FIT_CODE_SLACK
 
 
 def score_first_ttt(cfg: Config, model: torch.nn.Module, val_tokens: torch.Tensor, tables: Any, env: DistEnv,
@@ -168,6 +179,11 @@ def run(cfg: Config) -> dict[str, Any]:
         if env.enabled:
             logger.log(f"all {env.world_size} ranks agree on the trained parameters")
         peak_mem = torch.cuda.max_memory_allocated(env.device) if env.device.type == "cuda" else 0
+        if cfg.save_trained and env.is_main:
+            from tgolf.export.trained import save_trained
+
+            save_trained(run_dir / "trained.pt", model, cfg)
+            logger.log(f"trained weights saved to {run_dir / 'trained.pt'} (python -m tgolf.export re-exports them)")
 
         pre = validate(model, cfg.eval_stride)
         logger.log(f"pre-export val_loss:{pre['val_loss']:.4f} val_bpb:{pre['val_bpb']:.4f} "
