@@ -12,9 +12,12 @@ stored is ``dequantize(codes) + upᵀ · down`` with ``up`` [r, N] and ``down`` 
    solution whatever H is: the residual is orthogonal to ``up``'s columns), so it absorbs ``up``'s rounding, and is
    rounded itself, with GPTQ when H is known.
 
-Cost: r·(N + K) codes and 2r fp16 scales. Rank 8 on a 512×1536 matrix is 16,384 int4 codes, ~8 KB before
-compression, about 1.6% of that matrix's int6 bytes. Rounding error is nearly noise-like, so a rank-r term
-removes only a little more than r / min(N, K) of it: measure the score it buys against the bytes it costs.
+Cost: r·(N + K) codes and 2r fp16 scales. Rank 8 on a 512×1536 matrix is 16,384 int4 codes, 8 KB before
+compression, about 1.6% of that matrix's int6 bytes (5.35 bits a weight compressed, tgolf.export.format). Rounding
+error is close to noise, so a rank-r term removes little of its squared size: on N(0, 0.02) weights of that shape
+rounded to int6, 3.7% at rank 8 and 13.9% at rank 32, int4 factors included (2.5 times r / min(N, K)). Its value
+is in aiming at what the layer's outputs feel, which only GPTQ's H tells: measure the score it buys against the
+bytes it costs (the README's table).
 """
 from __future__ import annotations
 
