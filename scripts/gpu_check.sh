@@ -110,7 +110,7 @@ if [[ -n "$DATA" ]]; then
     step train $((TRAIN_SECONDS + 150)) train.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
       $PY -m tgolf.train "${RUN_ARGS[@]}" --data-path "$DATA" \
       --max-wallclock-seconds "$TRAIN_SECONDS" --warmup-steps 3 --val-loss-every 0 --val-tokens-limit 4194304 \
-      --profile-steps "$PROFILE_WINDOW" --out-dir "$DIR/train" --run-id baseline
+      --profile-steps "$PROFILE_WINDOW" --out-dir "$DIR/train" --run-id baseline --save-trained
     # The Triton source inductor generated for the model, so that the kernels the profile names (e.g. the fused
     # RMSNorm backward that took 36% of the step on the first H100 run) can be read offline.
     if [[ -d $STAGE/inductor ]]; then

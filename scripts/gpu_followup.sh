@@ -8,7 +8,8 @@
 # into the check's own bench/); where torch lacks the fix of pytorch#179423, a few profiled baseline steps with
 # inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
 # tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; per-document LoRA TTT on the check's
-# artifact and SHARDS_DIR (lora_ttt.json); then, with what is left, the Triton GEMMs' tile search
+# artifact and SHARDS_DIR (lora_ttt.json); its trained weights exported again without and with low-rank corrections
+# (lowrank-r0.log, lowrank-r8.log); then, with what is left, the Triton GEMMs' tile search
 # (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
 # comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
 # bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
@@ -69,6 +70,19 @@ if [[ -f $ARTIFACT && -n $DATA ]]; then
 else
   skipped lora-ttt "no artifact from the check's training, or no shards given" lora-ttt.log
 fi
+# Low-rank corrections at the baseline's shapes: the weights the check trained, exported again with int6 matrices and
+# embedding and GPTQ, without and with a rank-8 correction (bytes and roundtrip val_bpb: the last line of each log).
+# Its trained.pt (68 MB) stays out of the archive, which leaves out files over 8 MB.
+TRAINED=$DIR/train/baseline/trained.pt
+for rank in 0 8; do
+  if [[ -f $TRAINED && -n $DATA ]]; then
+    step lowrank-r$rank 60 lowrank-r$rank.log $PY -m tgolf.export --trained "$TRAINED" --data "$DATA" \
+      --out "$STAGE/lowrank-r$rank.tgolf" --overwrite --score --val-tokens-limit 4194304 --export-scheme int6 \
+      --export-embed-scheme int6 --gptq-tokens 65536 --export-lowrank-rank $rank "${EVAL_ARGS[@]}"
+  else
+    skipped lowrank-r$rank "no trained weights from the check's training, or no shards given" lowrank-r$rank.log
+  fi
+done
 left=$((BUDGET - ($(date +%s) - T0) - 20))
 step tune "$left" tune.log env "${TUNE_ENV[@]}" $PY -m tgolf.bench.tune --device "$DEVICE" --out "$DIR/tune" \
   --time-budget $((left > 31 ? left - 30 : 1))
