@@ -98,7 +98,8 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
                    "--gptq-tokens", "512",
                    # score-first TTT over both ranks, scored as the submission's val_bpb
                    "--ttt-enabled", "--ttt-chunk-tokens", "512", "--ttt-batch-seqs", "3",
-                   "--submission-dir", str(tmp_path / "submission"))]
+                   "--submission-dir", str(tmp_path / "submission"),
+                   "--save-trained")]  # written by rank 0 alone, while the others wait in the evaluation
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "all 2 ranks agree on the trained parameters" in proc.stdout
@@ -107,6 +108,9 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
     assert summary["ttt_chunks"] == 4 and summary["ttt_adapted_chunks"] == 3 and "ttt val_loss:" in proc.stdout
     record = json.loads((tmp_path / "submission" / "submission.json").read_text())
     assert record["val_bpb"] == summary["ttt_val_bpb"] and record["roundtrip_val_bpb"] == summary["roundtrip_val_bpb"]
+    from tgolf.export.trained import load_trained
+
+    load_trained(tmp_path / "ddp" / "trained.pt")  # loads strictly into the plain model: no DDP or compile names
 
 
 @pytest.mark.parametrize("parts", [
