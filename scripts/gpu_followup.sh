@@ -9,7 +9,7 @@
 # inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
 # tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; per-document LoRA TTT on the check's
 # artifact and SHARDS_DIR (lora_ttt.json); its trained weights exported again without and with low-rank corrections
-# (lowrank-r0.log, lowrank-r8.log); then, with what is left, the Triton GEMMs' tile search
+# (lowrank-*.log); then, with what is left, the Triton GEMMs' tile search
 # (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
 # comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
 # bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
@@ -71,16 +71,19 @@ else
   skipped lora-ttt "no artifact from the check's training, or no shards given" lora-ttt.log
 fi
 # Low-rank corrections at the baseline's shapes: the weights the check trained, exported again with int6 matrices and
-# embedding and GPTQ, without and with a rank-8 correction (bytes and roundtrip val_bpb: the last line of each log).
-# Its trained.pt (68 MB) stays out of the archive, which leaves out files over 8 MB.
+# embedding and GPTQ, with no correction, a rank-8 one on the embedding, and rank-8 ones on the other matrices (bytes
+# and roundtrip val_bpb: the last line of each log). Its trained.pt (68 MB) stays out of the archive, which leaves
+# out files over 8 MB.
 TRAINED=$DIR/train/baseline/trained.pt
-for rank in 0 8; do
+for cell in none:0:0 embed8:0:8 matrices8:8:0; do
+  IFS=: read -r name rank embed_rank <<<"$cell"
   if [[ -f $TRAINED && -n $DATA ]]; then
-    step lowrank-r$rank 60 lowrank-r$rank.log $PY -m tgolf.export --trained "$TRAINED" --data "$DATA" \
-      --out "$STAGE/lowrank-r$rank.tgolf" --overwrite --score --val-tokens-limit 4194304 --export-scheme int6 \
-      --export-embed-scheme int6 --gptq-tokens 65536 --export-lowrank-rank $rank "${EVAL_ARGS[@]}"
+    step lowrank-$name 60 lowrank-$name.log $PY -m tgolf.export --trained "$TRAINED" --data "$DATA" \
+      --out "$STAGE/lowrank-$name.tgolf" --overwrite --score --val-tokens-limit 4194304 --export-scheme int6 \
+      --export-embed-scheme int6 --gptq-tokens 65536 --export-lowrank-rank "$rank" \
+      --export-lowrank-embed-rank "$embed_rank" "${EVAL_ARGS[@]}"
   else
-    skipped lowrank-r$rank "no trained weights from the check's training, or no shards given" lowrank-r$rank.log
+    skipped lowrank-$name "no trained weights from the check's training, or no shards given" lowrank-$name.log
   fi
 done
 left=$((BUDGET - ($(date +%s) - T0) - 20))

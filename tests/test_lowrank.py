@@ -13,7 +13,8 @@ from tests.test_gptq import correlated_inputs
 from tgolf.export.artifact import load_artifact, read_artifact, write_artifact
 from tgolf.export.format import MAGIC, FormatError, deserialize, serialize
 from tgolf.export.lowrank import lowrank_correction
-from tgolf.export.quantize import BASELINE_CLIP_QUANTILE, QuantTensor, quantize_model, quantize_rows
+from tgolf.export.quantize import (BASELINE_CLIP_QUANTILE, QuantTensor, part_lowrank_ranks, quantize_model,
+                                   quantize_rows)
 
 
 def rounded(w: torch.Tensor, bits: int = 5) -> QuantTensor:
@@ -79,10 +80,12 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="dequantized: shape"):
         lowrank_correction(w, w.T, 2)
     model = nn.Sequential(nn.Linear(12, 8, bias=False))
-    with pytest.raises(ValueError, match="lowrank_rank=-1"):
-        quantize_model(model, "int6", small_numel=0, lowrank_rank=-1)
+    with pytest.raises(ValueError, match=r"lowrank_ranks\['0.weight'\]=-1"):
+        quantize_model(model, "int6", small_numel=0, lowrank_ranks={"0.weight": -1})
     with pytest.raises(ValueError, match="lowrank_scheme"):
-        quantize_model(model, "int6", small_numel=0, lowrank_rank=2, lowrank_scheme="fp16")
+        quantize_model(model, "int6", small_numel=0, lowrank_ranks={"0.weight": 2}, lowrank_scheme="fp16")
+    with pytest.raises(ValueError, match=r"lowrank_ranks given for tensors the model does not have: \['1.weight'\]"):
+        quantize_model(model, "int6", small_numel=0, lowrank_ranks={"1.weight": 2})
 
 
 def test_quantize_model_corrects_the_int_matrices_only_and_keeps_their_codes():
@@ -91,8 +94,8 @@ def test_quantize_model_corrects_the_int_matrices_only_and_keeps_their_codes():
     x = correlated_inputs(512, 24)
     hessians = {"1.weight": x.T @ x / x.shape[0]}
     plain = quantize_model(model, "int5", small_numel=100, hessians=dict(hessians))
-    corrected = quantize_model(model, "int5", small_numel=100, hessians=dict(hessians), lowrank_rank=3,
-                               lowrank_scheme="int6")
+    corrected = quantize_model(model, "int5", small_numel=100, hessians=dict(hessians), lowrank_scheme="int6",
+                               lowrank_ranks={"0.weight": 3, "1.weight": 3, "2.weight": 3})
     for name in ("0.weight", "1.weight"):  # the same codes and scales (GPTQ's for the linear), and a correction
         assert torch.equal(corrected[name].codes, plain[name].codes)
         assert torch.equal(corrected[name].scales, plain[name].scales)
@@ -170,12 +173,14 @@ def test_the_artifact_reloads_the_corrected_weights(tmp_path):
     with torch.no_grad():  # the output projections start at zero: give every matrix a rounding error
         for param in model.parameters():
             param.normal_(0.0, 0.02)
-    info = write_artifact(tmp_path / "a.tgolf", model, config, "int5", "zlib", small_numel=4096, lowrank_rank=4)
+    ranks = part_lowrank_ranks(model, 4, 4, small_numel=4096)
+    info = write_artifact(tmp_path / "a.tgolf", model, config, "int5", "zlib", small_numel=4096, lowrank_ranks=ranks)
     plain = write_artifact(tmp_path / "b.tgolf", model, config, "int5", "zlib", small_numel=4096)
     tensors, _, meta = read_artifact(info.path)
-    assert meta["lowrank_rank"] == 4 and meta["lowrank_scheme"] == "int4"
     corrected = [name for name, qt in tensors.items() if qt.correction is not None]
     assert corrected == [name for name, qt in tensors.items() if qt.scheme == "int5"] and corrected
+    assert meta["lowrank_tensors"] == len(corrected) and meta["lowrank_scheme"] == "int4"
+    assert "lowrank_tensors" not in read_artifact(plain.path)[2]
     assert info.params_by_scheme["int4"] == sum(4 * sum(tensors[n].shape) for n in corrected)
     assert info.model_bytes > plain.model_bytes
     reloaded, _ = load_artifact(info.path)
@@ -184,3 +189,16 @@ def test_the_artifact_reloads_the_corrected_weights(tmp_path):
     for name in corrected:
         assert torch.equal(state[name], tensors[name].dequantize())
         assert (state[name] - reference[name]).norm() < (rounded_only[name] - reference[name]).norm()
+
+
+def test_part_lowrank_ranks_give_the_embedding_its_own_rank():
+    from tgolf.config import Config
+    from tgolf.model import build_model
+
+    model = build_model(Config(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, vocab_size=97,
+                               tie_embeddings=False))
+    assert part_lowrank_ranks(model, 0, 8, small_numel=0) == {"tok_emb.weight": 8, "lm_head.weight": 8}
+    ranks = part_lowrank_ranks(model, 4, 0, small_numel=0)
+    assert sorted(ranks) == sorted(n for n, t in model.state_dict().items()
+                                   if t.dim() == 2 and n not in ("tok_emb.weight", "lm_head.weight"))
+    assert set(ranks.values()) == {4} and part_lowrank_ranks(model) == {}

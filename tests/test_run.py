@@ -125,7 +125,7 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
     ("--rope-dims", "8", "--ln-scale", "--xsa-last-n", "1", "--smear-gate", "--ortho-init", "--bigram-vocab-size", "64",
      "--bigram-dim", "8", "--value-embed-layers", "1", "--value-embed-dim", "8", "--doc-attention", "--ema-decay", "0.9", "--muon-weight-decay", "0.04", "--adam-weight-decay", "0.04",
      "--export-scheme", "int6", "--export-embed-scheme", "int8", "--export-mlp-scheme", "int5", "--eval-stride", "16",
-     "--gptq-tokens", "512", "--export-lowrank-rank", "4"),
+     "--gptq-tokens", "512", "--export-lowrank-rank", "4", "--export-lowrank-embed-rank", "2"),
     # per-document LoRA test-time training in the final evaluation
     ("--ttt-enabled", "--ttt-mode", "lora", "--ttt-lora-chunk", "8", "--ttt-lora-docs", "4"),
 ], ids=["ternary-fused", "qat6", "hybrid", "per-layer", "ternary-g16", "fp8-row", "record-additions", "lora-ttt"])

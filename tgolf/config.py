@@ -145,7 +145,8 @@ class Config:
     gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
     export_fit: bool = False  # over max_artifact_bytes: retry with fewer bits (MLP first, not the embedding) to int4
     export_clip_search: bool = False  # per row, the clip quantile (of 5) with the least round-trip error ("GPTQ-lite")
-    export_lowrank_rank: int = 0  # >0: each int matrix also stores a rank-r correction of its rounding error
+    export_lowrank_rank: int = 0  # rank of a correction of each non-embedding int matrix's rounding error; 0: none
+    export_lowrank_embed_rank: int = 0  # the same for the embedding (and an untied head): where it paid on a CPU
     export_lowrank_scheme: str = "int4"  # bits of that correction's two factors (the best record: int4)
     save_trained: bool = False  # also write <run>/trained.pt (the float weights), to re-export: python -m tgolf.export
     compressor: str = "best"
@@ -262,9 +263,9 @@ class Config:
         if not 0 <= self.late_qat_threshold <= 1:
             raise ValueError(f"config field late_qat_threshold={self.late_qat_threshold}: must be in [0, 1] (0 = QAT "
                              "from the first step)")
-        if self.gptq_tokens < 0 or self.export_lowrank_rank < 0:
-            raise ValueError(f"config fields gptq_tokens={self.gptq_tokens} and export_lowrank_rank="
-                             f"{self.export_lowrank_rank}: must be >= 0")
+        for name in ("gptq_tokens", "export_lowrank_rank", "export_lowrank_embed_rank"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
         if self.gptq_tokens and linear_family not in ("bf16", "fp8"):
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: GPTQ calibrates "
                              f"on a dense copy of the model, and linear={self.linear} layers export the codes they "

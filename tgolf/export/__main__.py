@@ -1,9 +1,9 @@
 """``python -m tgolf.export --trained RUN/trained.pt --out FILE [--export-* ...] [--score]``: export a run's trained
 weights again with other export settings, without training again.
 
-The run must have been started with ``--save-trained``. Settings come from the run's config, then the
-environment, then these flags: ``--export-scheme``, ``--export-embed-scheme``, ``--export-mlp-scheme``,
-``--export-fit``, ``--export-clip-search``, ``--export-lowrank-rank``, ``--export-lowrank-scheme``,
+The run must have been started with ``--save-trained``. Settings come from the run's config, then the environment,
+then these flags: ``--export-scheme``, ``--export-embed-scheme``, ``--export-mlp-scheme``, ``--export-fit``,
+``--export-clip-search``, ``--export-lowrank-rank``, ``--export-lowrank-embed-rank``, ``--export-lowrank-scheme``,
 ``--gptq-tokens``, ``--compressor``, ``--max-artifact-bytes``. GPTQ calibrates on the first ``--gptq-tokens`` of
 the train shards (the run itself read the tokens after its last step's). The code bytes counted towards the limit
 are the run's (``code_bytes`` in the ``summary.json`` beside the file) unless ``--code-bytes`` says otherwise:
@@ -28,7 +28,8 @@ import torch
 from tgolf.config import add_config_arguments, env_overrides
 
 EXPORT_FIELDS = ["export_scheme", "export_embed_scheme", "export_mlp_scheme", "export_fit", "export_clip_search",
-                 "export_lowrank_rank", "export_lowrank_scheme", "gptq_tokens", "compressor", "max_artifact_bytes"]
+                 "export_lowrank_rank", "export_lowrank_embed_rank", "export_lowrank_scheme", "gptq_tokens",
+                 "compressor", "max_artifact_bytes"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
               "export_scheme": scheme, "export_mlp_scheme": mlp_scheme,
               "export_embed_scheme": config.export_embed_scheme or config.export_scheme,
               "gptq_tensors": len(hessians or {}), "export_lowrank_rank": config.export_lowrank_rank,
+              "export_lowrank_embed_rank": config.export_lowrank_embed_rank,
               "export_seconds": time.perf_counter() - start}
     if args.score:
         seq_len = config.eval_seq_len or config.train_seq_len

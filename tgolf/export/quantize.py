@@ -17,8 +17,8 @@ What each state entry becomes (``quantize_model``):
   99.99984th percentile of |w| in each row (scheme ``"int<bits>"``; ``schemes`` gives some their own bits, e.g.
   the embedding). With ``clip_search`` each row instead takes, of those clip quantiles, the one whose round trip
   has the least squared error (the records' "GPTQ-lite": ``CLIP_SEARCH_QUANTILES``). A matrix with an input
-  second moment in ``hessians`` keeps those scales and takes its codes from GPTQ (``tgolf.export.gptq``). With
-  ``lowrank_rank`` it also carries a low-rank int correction of its rounding error (``tgolf.export.lowrank``).
+  second moment in ``hessians`` keeps those scales and takes its codes from GPTQ (``tgolf.export.gptq``). A matrix
+  named in ``lowrank_ranks`` also carries a low-rank int correction of its rounding error (``tgolf.export.lowrank``).
 
 Scales are float32 values exactly representable in fp16 (the quantizer rounds them through fp16; codes and scales
 taken from modules are checked), so the file stores them as fp16 without changing a single output.
@@ -234,26 +234,38 @@ def part_schemes(model: nn.Module, embed_scheme: str = "", mlp_scheme: str = "")
     return schemes
 
 
+def part_lowrank_ranks(model: nn.Module, rank: int = 0, embed_rank: int = 0,
+                       small_numel: int = SMALL_NUMEL) -> dict[str, int]:
+    """``lowrank_ranks`` for quantize_model: ``embed_rank`` for the embeddings (and an untied head), ``rank`` for
+    the other matrices the export rounds; zero ranks left out."""
+    embeddings = set(embedding_names(model))
+    ranks = {name: embed_rank if name in embeddings else rank for name in rounded_matrix_names(model, small_numel)}
+    return {name: r for name, r in ranks.items() if r}
+
+
 def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SMALL_NUMEL,
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    hessians: Mapping[str, torch.Tensor] | None = None,
                    schemes: Mapping[str, str] | None = None,
-                   clip_search: Sequence[float] = (), lowrank_rank: int = 0,
+                   clip_search: Sequence[float] = (), lowrank_ranks: Mapping[str, int] | None = None,
                    lowrank_scheme: str = "int4") -> dict[str, QuantTensor]:
     """Every state entry of ``model`` as a QuantTensor, in state_dict order (see the module docstring).
 
     ``hessians``: ``{state name: H [K, K]}`` from ``tgolf.export.gptq.collect_hessians``; ``schemes``: ``{state
     name: "int<bits>"}`` for float matrices stored with other bits than ``scheme`` (e.g. the embedding, to which
     the score is the most sensitive; a tensor small enough to stay float ignores it); ``clip_search``: clip
-    quantiles searched per row instead of ``clip_quantile`` (see ``quantize_rows``); ``lowrank_rank`` > 0: each int
-    matrix also stores a rank-``lowrank_rank`` ``lowrank_scheme`` correction of its rounding error
-    (``tgolf.export.lowrank``, weighted by its hessian when it has one). A hessian for a tensor that is not an int
-    matrix of this export, or a scheme for a name the model lacks, raises ValueError.
+    quantiles searched per row instead of ``clip_quantile`` (see ``quantize_rows``); ``lowrank_ranks``: ``{state
+    name: r}``, int matrices that also store a rank-r ``lowrank_scheme`` correction of their rounding error
+    (``tgolf.export.lowrank``, aimed by the matrix's hessian when it has one; a tensor that stays float ignores
+    it). A hessian for a tensor that is not an int matrix of this export, or a scheme or rank for a name the model
+    lacks, raises ValueError.
     """
     bits = int_bits(scheme, "scheme")
     int_bits(lowrank_scheme, "lowrank_scheme")
-    if lowrank_rank < 0:
-        raise ValueError(f"lowrank_rank={lowrank_rank}: must be >= 0 (0 = no correction)")
+    ranks = dict(lowrank_ranks or {})
+    for name, rank in ranks.items():
+        if not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"lowrank_ranks[{name!r}]={rank!r}: must be an integer >= 0 (0 = no correction)")
     tensor_bits = {name: int_bits(value, f"schemes[{name!r}]") for name, value in (schemes or {}).items()}
     if small_dtype not in ("fp16", "fp32"):
         raise ValueError(f"small_dtype={small_dtype!r}: expected 'fp16' or 'fp32'")
@@ -289,16 +301,18 @@ def quantize_model(model: nn.Module, scheme: str = "int8", small_numel: int = SM
 
                     codes = gptq_quantize(weight, hessian, scales, own_bits).cpu()
                 out[name] = QuantTensor(f"int{own_bits}", tuple(tensor.shape), codes=codes, scales=scales)
-                if lowrank_rank:
+                rank = ranks.pop(name, 0)
+                if rank:
                     from tgolf.export.lowrank import lowrank_correction  # imported (and counted) only when used
 
-                    out[name].correction = lowrank_correction(weight, out[name].dequantize(), lowrank_rank,
-                                                              lowrank_scheme, hessian)
+                    out[name].correction = lowrank_correction(weight, out[name].dequantize(), rank, lowrank_scheme,
+                                                              hessian)
     if hessians:
         raise ValueError(f"hessians given for tensors that are not int matrices of this export: {sorted(hessians)}")
-    unknown = sorted(set(tensor_bits) - set(out))
-    if unknown:
-        raise ValueError(f"schemes given for tensors the model does not have: {unknown}")
+    for what, names in (("schemes", tensor_bits), ("lowrank_ranks", ranks)):
+        unknown = sorted(set(names) - set(out))
+        if unknown:
+            raise ValueError(f"{what} given for tensors the model does not have: {unknown}")
     return out
 
 

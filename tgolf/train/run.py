@@ -80,11 +80,12 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
     schemes of the matrices and the MLP matrices it has: the configured ones, or with ``export_fit`` the first
     of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's code, estimated)."""
     from tgolf.export import CodeBytes, write_artifact
-    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_schemes
+    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_lowrank_ranks, part_schemes
 
     options = dict(compressor=cfg.compressor, hessians=hessians, code=CodeBytes(total=0, files=()),
                    clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else (),
-                   lowrank_rank=cfg.export_lowrank_rank, lowrank_scheme=cfg.export_lowrank_scheme)
+                   lowrank_ranks=part_lowrank_ranks(model, cfg.export_lowrank_rank, cfg.export_lowrank_embed_rank),
+                   lowrank_scheme=cfg.export_lowrank_scheme)
     if not cfg.export_fit:
         info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True,
                               schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme), **options)
@@ -103,7 +104,7 @@ def estimated_code_bytes(cfg: Config) -> int:
     from tgolf.export import count_code_bytes
 
     # imported now, so that the estimate counts them
-    if cfg.export_lowrank_rank:
+    if cfg.export_lowrank_rank or cfg.export_lowrank_embed_rank:
         import tgolf.export.lowrank  # noqa: F401
     if cfg.ttt_enabled:
         import tgolf.eval.ttt  # noqa: F401
