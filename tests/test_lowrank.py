@@ -148,6 +148,7 @@ def test_a_bad_correction_is_a_format_error_naming_the_tensor():
 
     cases = [
         (lambda c, t: c.pop("down"), "missing field 'down'"),
+        (lambda c, t: c["up"].pop("name"), "'m' correction up: missing field 'name'"),
         (lambda c, t: c.update(up=c["down"], down=c["up"]), r"'m' correction up: field 'shape' is \[2, 70\], "
                                                             r"expected \[r, 10\]"),
         (lambda c, t: c["up"].update(shape=[2, 11]), "'m correction up': field 'codes' length 10 bytes, expected 11"),

@@ -335,9 +335,10 @@ def _parse_correction(entry: Mapping[str, Any], where: str, shape: tuple[int, ..
     correction = _get(entry, "correction", dict, where)
     parts = []
     for key, width in (("up", shape[0]), ("down", shape[1])):
-        sub = _get(correction, key, dict, f"{where} correction")
-        _, part = _parse_entry(sub, 0, payload, payload_bytes, spans, version)
         part_where = f"{where} correction {key}"
+        sub = _get(correction, key, dict, f"{where} correction")
+        _get(sub, "name", str, part_where)  # checked here: _parse_entry would name it by an index it does not have
+        _, part = _parse_entry(sub, 0, payload, payload_bytes, spans, version)
         if not part.scheme.startswith("int") or part.group_size is not None or part.correction is not None:
             raise FormatError(f"{part_where}: must be an int4..int8 matrix with per-row scales and no correction "
                               f"of its own")

@@ -15,7 +15,7 @@ stored is ``dequantize(codes) + upᵀ · down`` with ``up`` [r, N] and ``down`` 
 Cost: r·(N + K) codes and 2r fp16 scales. Rank 8 on a 512×1536 matrix is 16,384 int4 codes, 8 KB before
 compression, about 1.6% of that matrix's int6 bytes (5.35 bits a weight compressed, tgolf.export.format). Rounding
 error is close to noise, so a rank-r term removes little of its squared size: on N(0, 0.02) weights of that shape
-rounded to int6, 3.7% at rank 8 and 13.9% at rank 32, int4 factors included (2.5 times r / min(N, K)). Its value
+rounded to int6, 3.7% at rank 8 and 13.9% at rank 32, int4 factors included (2.2–2.4 times r / min(N, K)). Its value
 is in aiming at what the layer's outputs feel, which only GPTQ's H tells: measure the score it buys against the
 bytes it costs (the README's table).
 """
