@@ -9,7 +9,8 @@
 # inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
 # tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; per-document LoRA TTT on the check's
 # artifact and SHARDS_DIR (lora_ttt.json); its trained weights exported again without and with low-rank corrections
-# (lowrank-*.log); then, with what is left, the Triton GEMMs' tile search
+# (lowrank-*.log); a few profiled steps with depth recurrence and parallel lanes (profile-recurrence-lanes/); then,
+# with what is left, the Triton GEMMs' tile search
 # (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
 # comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
 # bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
@@ -27,9 +28,10 @@ SKIP=" ${GPU_CHECK_SKIP:-} "
 DATA=${2:-}
 case $DEVICE in
   cuda) BENCH_ARGS=(--shapes contest --device cuda); TUNE_ENV=(); RUN_ARGS=(--preset baseline); AB_LIMIT=100
-    EVAL_ARGS=() ;;
+    EVAL_ARGS=(); LOOP_ARGS=(--recur-layers 3-5 --parallel-last-n 3) ;;
   cpu) BENCH_ARGS=(--shapes quick --device cpu --no-compile); TUNE_ENV=(TRITON_INTERPRET=1)
-    RUN_ARGS=(--preset smoke --device cpu --compile off); AB_LIMIT=60; EVAL_ARGS=(--device cpu) ;;
+    RUN_ARGS=(--preset smoke --device cpu --compile off); AB_LIMIT=60; EVAL_ARGS=(--device cpu)
+    LOOP_ARGS=(--recur-layers 1 --parallel-last-n 2) ;;
   *) echo "GPU_CHECK_DEVICE=$DEVICE: expected cuda or cpu" >&2; exit 2 ;;
 esac
 T0=$(date +%s)
@@ -86,6 +88,11 @@ for cell in none:0:0 embed8:0:8 matrices8:8:0; do
     skipped lowrank-$name "no trained weights from the check's training, or no shards given" lowrank-$name.log
   fi
 done
+# The step time of depth recurrence (layers 3-5 twice: 12 blocks run for 9) with parallel lanes in the last 3
+# layers and MuonEq-R, against the check's profile of the plain baseline (profile/profile.md).
+step profile-recurrence-lanes 60 profile-recurrence-lanes.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
+  $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} "${LOOP_ARGS[@]}" --muon-row-normalize \
+  --steps 3 --warmup 2 --no-charts --out "$DIR/profile-recurrence-lanes"
 left=$((BUDGET - ($(date +%s) - T0) - 20))
 step tune "$left" tune.log env "${TUNE_ENV[@]}" $PY -m tgolf.bench.tune --device "$DEVICE" --out "$DIR/tune" \
   --time-budget $((left > 31 ? left - 30 : 1))

@@ -149,7 +149,13 @@ def test_part_schemes_give_the_mlp_and_the_embedding_their_own_bits():
             out["tok_emb.weight"].scheme) == ("int5", "int6", "int8")
 
 
-def test_run_with_gptq_calibrates_the_dense_matrices(tmp_path, tiny_shards, monkeypatch):
+@pytest.mark.parametrize("calibration", [
+    ("--gptq-tokens", "1024"),
+    # 4 sequences of 32 tokens the model samples, 2 at each temperature: no data read
+    ("--gptq-tokens", "128", "--gptq-calibration", "self", "--gptq-self-seq-len", "32",
+     "--gptq-self-temperatures", "0.5,1.5"),
+], ids=["train", "self"])
+def test_run_with_gptq_calibrates_the_dense_matrices(tmp_path, tiny_shards, monkeypatch, capsys, calibration):
     """With the fused MLP, whose op reads the linears' weights without calling them (its reference backend here,
     for speed: the interpreter's kernels are tested in test_mlp.py)."""
     from tgolf.train.__main__ import main
@@ -158,7 +164,9 @@ def test_run_with_gptq_calibrates_the_dense_matrices(tmp_path, tiny_shards, monk
     monkeypatch.setenv("TGOLF_BACKEND", "reference")
     assert main(_flags(tiny_shards, tmp_path, "--run-id", "g", "--iterations", "3", "--val-tokens-limit", "512",
                        "--model-dim", "128", "--num-heads", "4", "--num-kv-heads", "2", "--mlp-mult", "5", "--mlp", "fused",
-                       "--export-scheme", "int5", "--export-embed-scheme", "int8", "--gptq-tokens", "1024")) == 0
+                       "--export-scheme", "int5", "--export-embed-scheme", "int8", *calibration)) == 0
+    source = "sampled by the model at temperatures 0.5,1.5" if "self" in calibration else "training"
+    assert f"matrices on {int(calibration[1]):,} {source} tokens in" in capsys.readouterr().out
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     # the MLPs' fc and proj (640 x 128), the only linears over 65,536 elements, and the tied embedding (1024 x 128)
     assert summary["gptq_tensors"] == 5

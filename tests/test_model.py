@@ -28,7 +28,8 @@ RECORD_ADDITIONS = dict(rope_dims=4, ln_scale=True, xsa_last_n=2, smear_gate=Tru
                         ortho_init=True, value_embed_layers="2", value_embed_dim=4)
 
 
-@pytest.mark.parametrize("extra", [{}, RECORD_ADDITIONS], ids=["baseline", "record-additions"])
+@pytest.mark.parametrize("extra", [{}, RECORD_ADDITIONS, dict(num_layers=6, recur_layers="1-3", parallel_last_n=2)],
+                         ids=["baseline", "record-additions", "recurrence-lanes"])
 def test_causal_outputs_do_not_see_the_future(extra):
     model = _tiny_model(**extra)
     ids = torch.randint(0, 97, (2, 12))
@@ -80,9 +81,12 @@ def test_compiles_fullgraph():
 def test_inductor_compiles_every_tgolf_part_and_matches_eager():
     # What training on a GPU runs: the default inductor backend, fullgraph, over tgolf's own ops (ternary linear,
     # fused MLP and loss, softmax/linear/hybrid attention) and the records' additions, attention inside documents
-    # included (BOS = 1 opens two in the first row). Loss and every gradient must match eager mode.
-    model = _tiny_model(linear="ternary", mlp="fused", loss="fused", attention_layers="linear,hybrid,softmax",
-                        attention_window=4, doc_attention=True, **{**RECORD_ADDITIONS, "xsa_last_n": 1})
+    # (BOS = 1 opens two in the first row), depth recurrence and parallel lanes included. Loss and every gradient
+    # must match eager mode.
+    model = _tiny_model(linear="ternary", mlp="fused", loss="fused", num_layers=5,
+                        attention_layers="linear,hybrid,softmax,softmax,softmax", attention_window=4,
+                        doc_attention=True, recur_layers="2", parallel_last_n=2,
+                        **{**RECORD_ADDITIONS, "xsa_last_n": 1})
     ids, targets = torch.randint(2, 97, (2, 9)), torch.randint(0, 97, (2, 9))
     ids[0, [3, 6]] = 1
     expected = model(ids, targets)

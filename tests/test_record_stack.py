@@ -334,6 +334,23 @@ def test_muon_weight_decay_is_decoupled():
         torch.testing.assert_close(decayed, plain - 0.5 * 0.1 * w)
 
 
+def test_muon_row_normalize_orthogonalises_the_update_with_unit_rows():
+    from tgolf.train.orthogonalize import muon_polynomials, orthogonalize
+
+    grad = torch.randn(6, 10) * torch.logspace(-2, 1, 6)[:, None]  # rows of very different norms
+    updates = []
+    for row_normalize in (False, True):
+        p = torch.nn.Parameter(torch.zeros(6, 10))
+        p.grad = grad.clone()
+        Muon([p], lr=1.0, momentum=0.0, nesterov=False, row_normalize=row_normalize).step()
+        updates.append(-p.detach())
+    unit_rows = grad / grad.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(updates[1], orthogonalize(unit_rows[None], muon_polynomials("newton_schulz", 5))[0])
+    assert not torch.allclose(updates[0], updates[1], atol=1e-3)
+    cfg = Config(**TINY_RECORD, muon_row_normalize=True)
+    assert build_optimizers(cfg, build_model(cfg))[1].row_normalize
+
+
 def test_adam_weight_decay_skips_an_untied_head():
     cfg = Config(**TINY_RECORD, tie_embeddings=False, adam_weight_decay=0.03, muon_weight_decay=0.02)
     adam, muon = build_optimizers(cfg, build_model(cfg))

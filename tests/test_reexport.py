@@ -53,6 +53,19 @@ def test_other_settings_give_their_own_artifact(trained_run, tmp_path, capsys, m
     assert tensors["tok_emb.weight"].scheme == "int5" and tensors["tok_emb.weight"].correction is not None
 
 
+def test_self_calibration_reads_no_shards(trained_run, tmp_path, capsys, monkeypatch):
+    import tgolf.data.loader
+
+    def no_loader(*args, **kwargs):
+        raise AssertionError("a TokenLoader was built")
+
+    monkeypatch.setattr(tgolf.data.loader, "TokenLoader", no_loader)
+    code, record, _ = _export(capsys, "--trained", str(trained_run / "trained.pt"), "--out", str(tmp_path / "s.tgolf"),
+                              "--gptq-tokens", "64", "--gptq-calibration", "self", "--gptq-self-seq-len", "16")
+    assert code == 0 and record["gptq_tensors"] == 1  # the tied embedding
+    assert read_artifact(tmp_path / "s.tgolf")[1]["gptq_calibration"] == "self"
+
+
 def test_bad_input_is_refused_and_nothing_is_replaced(trained_run, tmp_path, capsys):
     kept = tmp_path / "kept.tgolf"
     kept.write_bytes(b"mine")

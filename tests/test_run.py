@@ -128,13 +128,19 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
      "--gptq-tokens", "512", "--export-lowrank-rank", "4", "--export-lowrank-embed-rank", "2"),
     # per-document LoRA test-time training in the final evaluation
     ("--ttt-enabled", "--ttt-mode", "lora", "--ttt-lora-chunk", "8", "--ttt-lora-docs", "4"),
-], ids=["ternary-fused", "qat6", "hybrid", "per-layer", "ternary-g16", "fp8-row", "record-additions", "lora-ttt"])
+    # the later records' depth recurrence (on from step 2 of 3: a step-keyed run), two lanes and MuonEq-R; the
+    # artifact's model loops as the trained one did
+    ("--num-layers", "5", "--recur-layers", "1-2", "--recur-start", "0.5", "--parallel-last-n", "2",
+     "--muon-row-normalize", "--max-wallclock-seconds", "0", "--gptq-tokens", "512"),
+], ids=["ternary-fused", "qat6", "hybrid", "per-layer", "ternary-g16", "fp8-row", "record-additions", "lora-ttt",
+        "recurrence-lanes"])
 def test_pluggable_parts_run_end_to_end(tmp_path, tiny_shards, parts):
     assert main(_flags(tiny_shards, tmp_path, "--run-id", "p", "--iterations", "3", "--val-tokens-limit", "512",
                        *parts)) == 0
     summary = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert summary["steps"] == 3 and math.isfinite(summary["roundtrip_val_bpb"])
     assert summary["late_qat_step"] == (2 if "--late-qat-threshold" in parts else None)
+    assert summary["recurrence_step"] == (2 if "--recur-start" in parts else None)
     if "--ttt-enabled" in parts:
         assert summary["ttt_adapted_chunks"] == summary["ttt_chunks"] > 1 and math.isfinite(summary["ttt_val_bpb"])
     # quantized layers export their own codes; the rest is per-row int: the roundtrip barely moves the score

@@ -51,6 +51,18 @@ def test_time_keyed_warmdown_ends_at_the_budget():
     assert lr_scale(0, 575.0, 0.25, **kw) == 1.0  # faster steps: the warmdown starts later, still ends at 600 s
 
 
+def test_warmdown_fraction_and_floor():
+    capped = dict(iterations=10**9, warmdown_iters=100, max_wallclock_s=600.0, warmdown_frac=0.5)
+    assert [lr_scale(0, t, 0.5, **capped) for t in (0.0, 300.0, 450.0, 600.0)] == [1.0, 1.0, 0.5, 0.0]
+    steps = dict(iterations=8, warmdown_iters=0, max_wallclock_s=0.0, warmdown_frac=0.5, min_lr=0.3)
+    assert [lr_scale(s, 0.0, 0.0, **steps) for s in (3, 4, 5, 6, 7)] == [1.0, 1.0, 0.75, 0.5, 0.3]
+    # the floor holds under the step-count warmdown too
+    assert lr_scale(100, 0.0, 0.0, iterations=100, warmdown_iters=10, max_wallclock_s=0.0, min_lr=0.1) == 0.1
+    for field, value in [("warmdown_frac", 1.5), ("min_lr", 1.0), ("min_lr", -0.1)]:
+        with pytest.raises(ValueError, match=f"{field}="):
+            Config(**{field: value}).validate()
+
+
 def test_step_keyed_warmdown_without_a_cap():
     kw = dict(iterations=100, warmdown_iters=10, max_wallclock_s=0.0)
     assert [lr_scale(s, 0.0, 0.0, **kw) for s in (0, 89, 90, 95, 100)] == [1.0, 1.0, 1.0, 0.5, 0.0]
@@ -206,6 +218,17 @@ def test_wallclock_cap_holds(tmp_path, tiny_shards, monkeypatch, durations, step
     assert result.train_seconds == pytest.approx(sum(durations[:steps])) and result.train_seconds <= 2.0
 
 
+def test_gptq_reserve_ends_training_that_much_earlier(tmp_path, tiny_shards, monkeypatch):
+    clock = _StepClock([0.3] * 20)
+    monkeypatch.setattr(loop, "time", clock)
+    trainer = _trainer(tmp_path, tiny_shards, iterations=10**6, max_wallclock_seconds=2.5, gptq_reserve_seconds=0.5)
+    trainer.train_step = clock.timed(trainer.train_step)
+    result = trainer.run()  # as the 2.0 s cap above: 6 steps
+    assert result.stopped_by == "wallclock" and result.steps == 6 and result.train_seconds <= 2.0
+    with pytest.raises(ValueError, match="gptq_reserve_seconds=600"):
+        Config(gptq_reserve_seconds=600).validate()
+
+
 def _rank_with_skewed_clock(rank: int, init_file: str, data: str, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -340,8 +363,9 @@ def test_late_qat_switches_quantization_on_when_the_lr_scale_falls_below_the_thr
     assert all(torch.equal(a, b) for a, b in zip(before, _params(trainer)))
     seen.clear()
     result = trainer.run()
-    assert result.late_qat_step == 6 and seen == [False] * 6 + [True] * 2 and all(m.active for m in layers)
-    assert _trainer(tmp_path / "o", tiny_shards, iterations=2, linear="qat6").run().late_qat_step is None
+    assert result.switch_steps == {"late_qat": 6} and seen == [False] * 6 + [True] * 2
+    assert all(m.active for m in layers)
+    assert _trainer(tmp_path / "o", tiny_shards, iterations=2, linear="qat6").run().switch_steps == {}
 
 
 def test_resume_after_the_late_qat_switch_keeps_quantization_and_its_step(tmp_path, tiny_shards):
@@ -349,12 +373,12 @@ def test_resume_after_the_late_qat_switch_keeps_quantization_and_its_step(tmp_pa
 
     late = dict(warmdown_iters=4, linear="qat6", late_qat_threshold=0.6)
     first = _trainer(tmp_path / "a", tiny_shards, iterations=8, **late)
-    assert first.run().late_qat_step == 6
+    assert first.run().switch_steps == {"late_qat": 6}
     folder = first._save_checkpoint()
     resumed = _trainer(tmp_path / "b", tiny_shards, iterations=10, **late)
     resumed.resume(str(folder))
     assert all(m.active for m in resumed.raw_model.modules() if isinstance(m, QATLinear))
-    assert resumed.run().late_qat_step == 6  # not 8, the first resumed step
+    assert resumed.run().switch_steps == {"late_qat": 6}  # not 8, the first resumed step
 
 
 def test_late_qat_needs_qat_layers_and_a_threshold_in_range(tmp_path, tiny_shards):

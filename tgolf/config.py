@@ -23,6 +23,7 @@ LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int7", "int6", "int5", "int4")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
 MUON_BACKENDS = ("newton_schulz", "polar_express")  # tgolf.train.orthogonalize
+GPTQ_CALIBRATIONS = ("train", "self")  # tgolf.train.run.gptq_hessians; self: tgolf.export.calibration
 TTT_MODES = ("full", "lora")  # tgolf.eval.ttt (the stream, every weight), tgolf.eval.lora_ttt (per document)
 CODE_PACKS = ("lzma", "none")  # tgolf.export.codepack's self-extracting script, or the source files as they are
 
@@ -51,6 +52,17 @@ def parse_linear_kind(kind: str) -> tuple[str, dict[str, Any]]:
     return family, options
 
 
+def parse_temperatures(text: str, name: str = "config field gptq_self_temperatures") -> list[float]:
+    """``"0.8"`` or ``"0.5,1.5"`` → [0.8] or [0.5, 1.5]; ValueError naming ``name`` for anything else."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(value > 0 for value in values):
+        raise ValueError(f"{name}={text!r}: expected positive temperatures separated by commas")
+    return values
+
+
 @dataclass
 class Config:
     # --- data -------------------------------------------------------------------------------
@@ -72,6 +84,8 @@ class Config:
     max_wallclock_seconds: float = 600.0  # 0 = no cap
     warmup_steps: int = 20  # compile warm-up steps; model and optimizer state are restored after them
     warmdown_iters: int = 1200  # converted to seconds with the measured step time
+    warmdown_frac: float = 0.0  # >0: the warmdown is this last fraction of training instead (records: 0.72)
+    min_lr: float = 0.0  # floor of the learning-rate scale (records: 0.1)
     train_batch_tokens: int = 524_288  # tokens per optimizer step, over all ranks
     train_seq_len: int = 1024
     grad_accum_steps: int = 0  # micro-batches per step on each rank; 0 = 8 // world_size, as the baseline
@@ -100,6 +114,9 @@ class Config:
     value_embed_layers: str = ""  # layers (indices, e.g. "9,10") whose attention values add a shared token embedding
     value_embed_dim: int = 128  # width of that embedding table, projected to the values' width
     doc_attention: bool = False  # attend only inside each document (from its BOS on); linear layers reset their state
+    recur_layers: str = ""  # "A-B": layers A..B run recur_passes times in a row (depth recurrence); "" = off
+    recur_passes: int = 2  # passes through recur_layers once the recurrence is on (records: 2 on "4-5", 3 on "3-5")
+    parallel_last_n: int = 0  # the last N layers' attention and MLP read two residual lanes (records: from layer 7)
 
     # --- pluggable parts (tgolf.nn chooses the module by these names) -------------------------
     linear: str = "bf16"  # attention, MLP matrices: bf16|qat4..qat8|fp8|ternary; -g<N> (qat, ternary), fp8-row
@@ -113,6 +130,7 @@ class Config:
     linear_decay: str = "head"  # linear/hybrid attention: none | head (per-head constant) | token (per-token gate)
     loss: str = "reference"  # reference | fused
     late_qat_threshold: float = 0.0  # linear=qat*: plain matrices until the LR scale falls below this (records: 0.15)
+    recur_start: float = 0.0  # recur_layers loop from this fraction of training (of time if capped; records: 0.35)
 
     # --- optimizer --------------------------------------------------------------------------
     embed_lr: float = 0.6
@@ -123,6 +141,7 @@ class Config:
     muon_momentum: float = 0.95
     muon_backend_steps: int = 5
     muon_backend: str = "newton_schulz"  # newton_schulz | polar_express (per-step minimax quintics, arXiv:2505.16932)
+    muon_row_normalize: bool = False  # MuonEq-R (arXiv:2603.28254): the update's rows at unit norm, then Muon
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     beta1: float = 0.9
@@ -142,7 +161,11 @@ class Config:
     export_scheme: str = "int8"  # per-row quantization of the large float matrices
     export_embed_scheme: str = ""  # the token embedding's (and an untied head's); "" = export_scheme
     export_mlp_scheme: str = ""  # the MLP matrices'; "" = export_scheme (records: int5 MLP, int6 attention)
-    gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many train tokens
+    gptq_tokens: int = 0  # >0: GPTQ for the int matrices and a tied embedding, calibrated on this many tokens
+    gptq_reserve_seconds: float = 0.0  # training stops this early, leaving GPTQ's reading inside the time budget
+    gptq_calibration: str = "train"  # train: fresh training tokens | self: text the model samples (reads no data)
+    gptq_self_seq_len: int = 512  # self: tokens per sampled sequence (each starts at BOS)
+    gptq_self_temperatures: str = "0.8"  # self: sampling temperatures, the sequences split evenly, e.g. "0.5,1.5"
     export_fit: bool = False  # over max_artifact_bytes: retry with fewer bits (MLP first, not the embedding) to int4
     export_clip_search: bool = False  # per row, the clip quantile (of 5) with the least round-trip error ("GPTQ-lite")
     export_lowrank_rank: int = 0  # rank of a correction of each non-embedding int matrix's rounding error; 0: none
@@ -176,6 +199,10 @@ class Config:
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
 
+    def train_budget_seconds(self) -> float:
+        """The training loop's wall-clock budget: ``max_wallclock_seconds`` less ``gptq_reserve_seconds``; 0 = none."""
+        return self.max_wallclock_seconds - self.gptq_reserve_seconds if self.max_wallclock_seconds > 0 else 0.0
+
     def layer_attention_kinds(self) -> list[str]:
         """The attention kind of each layer: ``attention_layers`` cycled over the layers, else ``attention``."""
         pattern = [k.strip() for k in self.attention_layers.split(",") if k.strip()] or [self.attention]
@@ -197,6 +224,23 @@ class Config:
         """Indices of the layers with exclusive self attention: the last ``xsa_last_n``."""
         return range(self.num_layers - self.xsa_last_n, self.num_layers)
 
+    def parallel_layers(self) -> range:
+        """Indices of the layers whose attention and MLP read two residual lanes: the last ``parallel_last_n``."""
+        return range(self.num_layers - self.parallel_last_n, self.num_layers)
+
+    def recur_range(self) -> range:
+        """The layers of ``recur_layers`` ("A-B", or "A" for one layer); an empty range when it is off. ValueError
+        naming the field for a bad value."""
+        text = self.recur_layers.strip()
+        if not text:
+            return range(0)
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", text)
+        first, last = (int(match[1]), int(match[2] or match[1])) if match else (0, -1)
+        if not match or not 0 <= first <= last < self.num_layers:
+            raise ValueError(f"config field recur_layers={self.recur_layers!r}: expected \"A-B\" (or \"A\"), layers "
+                             f"0 <= A <= B <= {self.num_layers - 1}")
+        return range(first, last + 1)
+
     def validate(self) -> "Config":
         """Raise ValueError naming the field for any inconsistent value; return self."""
         choices = {
@@ -208,7 +252,7 @@ class Config:
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),
             "mix_order_reduction": ("auto", "on", "off"),
             "linear_feature_map": FEATURE_MAPS, "linear_decay": LINEAR_DECAYS, "muon_backend": MUON_BACKENDS,
-            "ttt_mode": TTT_MODES,
+            "ttt_mode": TTT_MODES, "gptq_calibration": GPTQ_CALIBRATIONS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -260,9 +304,23 @@ class Config:
                              f"train_seq_len={self.train_seq_len}")
         if self.max_wallclock_seconds < 0 or self.checkpoint_every < 0:
             raise ValueError("config fields max_wallclock_seconds and checkpoint_every must be >= 0")
+        self._validate_recurrence()
+        if self.parallel_last_n == 1 or not 0 <= self.parallel_last_n <= self.num_layers:
+            raise ValueError(f"config field parallel_last_n={self.parallel_last_n}: must be 0 or in 2..num_layers="
+                             f"{self.num_layers} (the last layer joins the lanes: one parallel layer is none)")
+        if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.min_lr < 1:
+            raise ValueError(f"config fields warmdown_frac={self.warmdown_frac} and min_lr={self.min_lr}: need "
+                             "warmdown_frac in [0, 1] (0 = warmdown_iters) and min_lr in [0, 1)")
+        if self.gptq_reserve_seconds < 0 or (self.max_wallclock_seconds > 0
+                                             and self.gptq_reserve_seconds >= self.max_wallclock_seconds):
+            raise ValueError(f"config field gptq_reserve_seconds={self.gptq_reserve_seconds}: must be >= 0 and "
+                             f"less than max_wallclock_seconds={self.max_wallclock_seconds}")
         if not 0 <= self.late_qat_threshold <= 1:
             raise ValueError(f"config field late_qat_threshold={self.late_qat_threshold}: must be in [0, 1] (0 = QAT "
                              "from the first step)")
+        if self.gptq_self_seq_len <= 0:
+            raise ValueError(f"config field gptq_self_seq_len={self.gptq_self_seq_len}: must be > 0")
+        parse_temperatures(self.gptq_self_temperatures)
         for name in ("gptq_tokens", "export_lowrank_rank", "export_lowrank_embed_rank"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
@@ -287,6 +345,31 @@ class Config:
                              f"{self.num_layers}")
         parse_step_range(self.profile_steps, "config field profile_steps")
         return self
+
+    def _validate_recurrence(self) -> None:
+        looped = self.recur_range()
+        if not looped:
+            return
+        if self.recur_passes < 2:
+            raise ValueError(f"config field recur_passes={self.recur_passes}: must be >= 2 with recur_layers="
+                             f"{self.recur_layers!r} (1 pass is no recurrence: leave recur_layers empty)")
+        if not 0 <= self.recur_start < 1:
+            raise ValueError(f"config field recur_start={self.recur_start}: must be in [0, 1) (the fraction of "
+                             "training after which recur_layers loop)")
+        kinds = self.layer_attention_kinds()
+        for index in looped:
+            if kinds[index] != "softmax":  # a streaming layer keeps one state per module, not one per pass
+                raise ValueError(f"config field recur_layers={self.recur_layers!r} names layer {index}, whose "
+                                 f"attention is {kinds[index]!r}: only softmax layers can loop")
+        parallel = self.parallel_layers()
+        if parallel and looped[0] < parallel.start <= looped[-1]:  # a second pass would turn two lanes into one
+            raise ValueError(f"config fields recur_layers={self.recur_layers!r} and parallel_last_n="
+                             f"{self.parallel_last_n}: the looped layers straddle the first parallel layer "
+                             f"({parallel.start}); loop layers all before it or all from it on")
+        if parallel and looped[-1] == self.num_layers - 1:
+            raise ValueError(f"config fields recur_layers={self.recur_layers!r} and parallel_last_n="
+                             f"{self.parallel_last_n}: the last layer joins the parallel lanes into one, so it "
+                             "cannot loop")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,8 +4,9 @@ weights again with other export settings, without training again.
 The run must have been started with ``--save-trained``. Settings come from the run's config, then the environment,
 then these flags: ``--export-scheme``, ``--export-embed-scheme``, ``--export-mlp-scheme``, ``--export-fit``,
 ``--export-clip-search``, ``--export-lowrank-rank``, ``--export-lowrank-embed-rank``, ``--export-lowrank-scheme``,
-``--gptq-tokens``, ``--compressor``, ``--max-artifact-bytes``. GPTQ calibrates on the first ``--gptq-tokens`` of
-the train shards (the run itself read the tokens after its last step's). The code bytes counted towards the limit
+``--gptq-tokens``, ``--gptq-calibration``, ``--gptq-self-seq-len``, ``--gptq-self-temperatures``, ``--compressor``,
+``--max-artifact-bytes``. GPTQ calibrates on the first ``--gptq-tokens`` of the train shards (the run itself read
+the tokens after its last step's), or with ``--gptq-calibration self`` on text the model samples. The code bytes counted towards the limit
 are the run's (``code_bytes`` in the ``summary.json`` beside the file) unless ``--code-bytes`` says otherwise:
 corrections or GPTQ that the run did not use add their modules to a submission's code, a few kB.
 
@@ -29,7 +30,8 @@ from tgolf.config import add_config_arguments, env_overrides
 
 EXPORT_FIELDS = ["export_scheme", "export_embed_scheme", "export_mlp_scheme", "export_fit", "export_clip_search",
                  "export_lowrank_rank", "export_lowrank_embed_rank", "export_lowrank_scheme", "gptq_tokens",
-                 "compressor", "max_artifact_bytes"]
+                 "gptq_calibration", "gptq_self_seq_len", "gptq_self_temperatures", "compressor",
+                 "max_artifact_bytes"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     hessians = None
     if config.gptq_tokens:
-        loader = TokenLoader(data_path, seed=config.seed, vocab_size=config.vocab_size)
+        loader = (TokenLoader(data_path, seed=config.seed, vocab_size=config.vocab_size)
+                  if config.gptq_calibration == "train" else None)
         hessians = gptq_hessians(config, model, loader, grad_accum_steps(config, 1), dist_env)
     try:
         info, (scheme, mlp_scheme) = export(config, model, out, hessians, logger, fit_code_bytes=code_bytes)

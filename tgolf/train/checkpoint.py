@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ class Checkpoint:
     loader: dict[str, Any]
     rng: dict[str, Any]
     ema: dict[str, torch.Tensor] | None = None
-    late_qat_step: int | None = None  # the step late QAT switched on at, if it had
+    switch_steps: dict[str, int] = field(default_factory=dict)  # the step each training switch turned on at
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -40,7 +40,7 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 def save(root: Path, *, rank: int, world_size: int, step: int, train_seconds: float, config: dict,
          model_state: dict, optimizer_states: list[dict], loader_state: dict, barrier,
-         ema_state: dict | None = None, late_qat_step: int | None = None) -> Path:
+         ema_state: dict | None = None, switch_steps: dict[str, int] | None = None) -> Path:
     """Every rank calls this; ``barrier()`` separates the writes from publishing ``latest``."""
     folder = root / f"step_{step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,8 @@ def save(root: Path, *, rank: int, world_size: int, step: int, train_seconds: fl
                  folder / f"rank_{rank}.pt")
     if rank == 0:
         _atomic_save({"format": FORMAT, "model": model_state, "step": step, "train_seconds": train_seconds,
-                      "config": config, "world_size": world_size, "ema": ema_state, "late_qat_step": late_qat_step},
+                      "config": config, "world_size": world_size, "ema": ema_state,
+                      "switch_steps": dict(switch_steps or {})},
                      folder / "model.pt")
     barrier()
     if rank == 0:
@@ -94,7 +95,14 @@ def load(path: str | Path, rank: int, world_size: int, map_location: torch.devic
     return Checkpoint(model=main["model"], step=main["step"], train_seconds=main["train_seconds"],
                       config=main["config"], world_size=world_size, optimizers=mine["optimizers"],
                       loader=mine["loader"], rng=mine["rng"], ema=main.get("ema"),
-                      late_qat_step=main.get("late_qat_step"))
+                      switch_steps=_switch_steps(main))
+
+
+def _switch_steps(main: dict[str, Any]) -> dict[str, int]:
+    """The steps the training switches turned on at; checkpoints from before switches had only late QAT's."""
+    if "switch_steps" in main:
+        return dict(main["switch_steps"])
+    return {} if main.get("late_qat_step") is None else {"late_qat": main["late_qat_step"]}
 
 
 def restore_rng(rng: dict[str, Any]) -> None:

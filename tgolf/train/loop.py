@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
 import math
 import os
@@ -26,7 +25,8 @@ from tgolf.train.distributed import DistEnv
 from tgolf.train.ema import WeightEMA
 from tgolf.train.logging import RunLogger
 from tgolf.train.optim import apply_schedule, build_optimizers, muon_momentum
-from tgolf.train.schedule import lr_scale
+from tgolf.train.schedule import lr_scale, training_fraction
+from tgolf.train.switches import Switch, training_switches, warmup_combinations
 
 
 class NonFiniteLoss(RuntimeError):
@@ -45,7 +45,7 @@ class TrainResult:
     tokens: int
     val_history: list[dict] = field(default_factory=list)
     stopped_by: str = "iterations"  # iterations | wallclock
-    late_qat_step: int | None = None  # the step late QAT switched quantization on at (None: it did not)
+    switch_steps: dict[str, int] = field(default_factory=dict)  # the step each switch turned on at (train.switches)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
@@ -157,12 +157,12 @@ _NO_BUFFER_SYNC_PER_FORWARD = ({"forward_sync_buffers": False}
 _RESUME_MAY_CHANGE = frozenset({
     "resume", "run_id", "out_dir", "submission_dir", "device", "compile", "mix_order_reduction", "profile_steps",
     "max_wallclock_seconds", "iterations", "checkpoint_every", "val_loss_every", "train_log_every",
-    "val_batch_size", "val_tokens_limit", "eval_stride", "eval_seq_len", "gptq_tokens", "compressor", "code_pack",
+    "val_batch_size", "val_tokens_limit", "eval_stride", "eval_seq_len", "compressor", "code_pack",
     "max_artifact_bytes"})
 
 
 def _resume_may_change(field: str) -> bool:
-    return field in _RESUME_MAY_CHANGE or field.startswith(("export_", "ttt_"))
+    return field in _RESUME_MAY_CHANGE or field.startswith(("export_", "ttt_", "gptq_"))
 
 
 class Trainer:
@@ -180,14 +180,8 @@ class Trainer:
             raise ValueError(f"train_batch_tokens={cfg.train_batch_tokens} over world_size={env.world_size} × "
                              f"grad_accum_steps={self.accum} gives {micro_tokens} tokens per micro-batch, "
                              f"not a positive multiple of train_seq_len={cfg.train_seq_len}")
-        self.late_qat_step: int | None = None
-        if cfg.late_qat_threshold > 0:
-            from tgolf.nn.quant import set_qat_active  # only runs with QAT layers import it (code bytes)
-
-            self._set_qat = functools.partial(set_qat_active, model)
-            if not self._set_qat(False):
-                raise ValueError(f"config field late_qat_threshold={cfg.late_qat_threshold} needs QAT layers "
-                                 f"(linear=qat4..qat8), and the model has none (linear={cfg.linear})")
+        self.switches = training_switches(cfg, model)
+        self.switch_steps: dict[str, int] = {}  # the step each switch turned on at
         net = compile_model(cfg, model, env.device)
         if env.enabled:
             net = DistributedDataParallel(net, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
@@ -246,7 +240,7 @@ class Trainer:
                                model_state=model_state, optimizer_states=[o.state_dict() for o in self.optimizers],
                                loader_state=self.loader.state_dict(), barrier=distributed.barrier,
                                ema_state=self.ema.state_dict() if self.ema is not None else None,
-                               late_qat_step=self.late_qat_step)
+                               switch_steps=self.switch_steps)
 
     def resume(self, path: str) -> None:
         ckpt = checkpoint.load(path, self.env.rank, self.env.world_size, map_location=self.env.device)
@@ -262,9 +256,10 @@ class Trainer:
         for opt, state in zip(self.optimizers, ckpt.optimizers):
             opt.load_state_dict(state)
         self.loader.load_state_dict(ckpt.loader)
-        if ckpt.late_qat_step is not None:  # quantized from the first resumed step, and reported as it happened
-            self._set_qat(True)
-            self.late_qat_step = ckpt.late_qat_step
+        for switch in self.switches:  # on from the first resumed step, and reported as it happened
+            if switch.name in ckpt.switch_steps:
+                switch.set(True)
+                self.switch_steps[switch.name] = ckpt.switch_steps[switch.name]
         checkpoint.restore_rng(ckpt.rng)
         self.step, self.train_seconds = ckpt.step, ckpt.train_seconds
         self.logger.log(f"resumed from {checkpoint.resolve(path)} at step {self.step}, "
@@ -278,22 +273,41 @@ class Trainer:
         saved_opts = [copy.deepcopy(o.state_dict()) for o in self.optimizers]
         saved_loader = copy.deepcopy(self.loader.state_dict())
         t0 = time.perf_counter()
-        late_qat = self.cfg.late_qat_threshold > 0 and self.late_qat_step is None
-        for i in range(self.cfg.warmup_steps):
-            if late_qat and i == self.cfg.warmup_steps // 2:
-                self._set_qat(True)  # compile the quantized graph too, so the switch costs no time later
+        pending = self._pending_switches()
+        for combination in warmup_combinations(pending, self.cfg.warmup_steps):
+            for switch, on in zip(pending, combination):
+                switch.set(on)  # each graph the run may reach is compiled now, not inside the timed run
             self.train_step(self._micro_batches())
             self._optimizer_step(1.0)
         if self.env.device.type == "cuda":
             torch.cuda.synchronize()
-        if late_qat:
-            self._set_qat(False)
+        for switch in pending:
+            switch.set(False)
         self.raw_model.load_state_dict(saved_model)
         for opt, state in zip(self.optimizers, saved_opts):
             opt.load_state_dict(state)
         self.loader.load_state_dict(saved_loader)
         self.logger.log(f"warmup: {self.cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f}s "
                         "(not counted; model, optimizer and data state restored)")
+
+    def _pending_switches(self) -> list[Switch]:
+        return [switch for switch in self.switches if switch.name not in self.switch_steps]
+
+    def _flip_due_switches(self, scale: float, done: float) -> None:
+        for switch in self._pending_switches():
+            if switch.due(scale, done):
+                switch.set(True)
+                self.switch_steps[switch.name] = self.step
+                self.logger.log(f"{switch.reason(scale, done)} from step {self.step}")
+
+    def _finish_switches(self) -> None:
+        """Switch on what the artifact's model has on, when training ended before it was due."""
+        for switch in self._pending_switches():
+            if switch.on_at_end:
+                switch.set(True)
+                self.logger.log(f"warning: training ended at step {self.step}, before switch {switch.name!r} was "
+                                "due; the model is evaluated and exported with it on, as the artifact's model "
+                                "runs, though it never trained so")
 
     def _finish_profile(self) -> None:
         """Write the profiled window's trace (outside the timed training) and say how to read it."""
@@ -325,7 +339,7 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
-        budget = cfg.max_wallclock_seconds
+        budget = cfg.train_budget_seconds()
         history: list[dict] = []
         pending: tuple[int, torch.Tensor] | None = None  # last step's loss, read one step late (no GPU stall)
         last_ckpt = self.train_seconds
@@ -363,12 +377,11 @@ class Trainer:
                     stopped_by = "wallclock"
                     break
                 scale = lr_scale(self.step, elapsed, mean_step, iterations=cfg.iterations,
-                                 warmdown_iters=cfg.warmdown_iters, max_wallclock_s=budget)
-                if self.late_qat_step is None and scale < cfg.late_qat_threshold:
-                    self._set_qat(True)  # the same step on every rank: they share the clock
-                    self.late_qat_step = self.step
-                    self.logger.log(f"late QAT: quantization on from step {self.step} (lr scale {scale:.3f} < "
-                                    f"{cfg.late_qat_threshold})")
+                                 warmdown_iters=cfg.warmdown_iters, max_wallclock_s=budget,
+                                 warmdown_frac=cfg.warmdown_frac, min_lr=cfg.min_lr)
+                # the same step on every rank: they share the clock
+                self._flip_due_switches(scale, training_fraction(self.step, elapsed, iterations=cfg.iterations,
+                                                                 budget_s=budget))
                 with self.window.around(self.step) if self.window else contextlib.nullcontext():
                     loss = self.train_step(self._micro_batches())
                     self._optimizer_step(scale)
@@ -417,6 +430,7 @@ class Trainer:
         self.logger.log(f"stopped at step:{self.step}/{cfg.iterations} ({stopped_by}) "
                         f"train_time:{1000 * self.train_seconds:.0f}ms")
         self._finish_profile()
+        self._finish_switches()
         return TrainResult(steps=self.step, train_seconds=self.train_seconds, last_loss=self.last_finite_loss,
                            tokens=tokens, val_history=history, stopped_by=stopped_by,
-                           late_qat_step=self.late_qat_step)
+                           switch_steps=dict(self.switch_steps))

@@ -53,8 +53,9 @@ def hardware_name(device: torch.device, world_size: int) -> str:
 def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, env: DistEnv
                   ) -> dict[str, torch.Tensor]:
     """Input second moments of the model's dense linears (and of a tied embedding as the output head) on
-    ``cfg.gptq_tokens`` fresh training tokens, averaged over ranks. Measured on a copy with the reference MLP,
-    whose linears run as modules (a fused MLP's do not)."""
+    ``cfg.gptq_tokens`` tokens, averaged over ranks: fresh training tokens from ``loader``, or with
+    ``gptq_calibration="self"`` sequences the model samples (tgolf.export.calibration; ``loader`` unused).
+    Measured on a copy with the reference MLP, whose linears run as modules (a fused MLP's do not)."""
     from dataclasses import replace
 
     from tgolf.export.gptq import collect_hessians
@@ -62,16 +63,40 @@ def gptq_hessians(cfg: Config, model: torch.nn.Module, loader: Any, accum: int, 
 
     dense = build_model(replace(cfg, mlp="reference", linear="bf16")).to(env.device)
     dense.load_state_dict(unwrap_model(model).state_dict())
-    micro_tokens = cfg.train_batch_tokens // accum  # over all ranks, as in a training micro-step
-    batches = (loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum, env.device)
-               for _ in range(-(-cfg.gptq_tokens // micro_tokens)))
-    # A tied embedding is also the output head: GPTQ it for that use (its input: the final hidden states).
-    head = {"tok_emb.weight": lambda m, x: m.hidden_states(x)} if cfg.tie_embeddings else {}
     with autocast_context(env.device):  # the activations the trained model sees: bf16 on GPUs, as in training
+        if cfg.gptq_calibration == "self":
+            from tgolf.config import parse_temperatures
+            from tgolf.export.calibration import self_generated_batches
+
+            sequences = -(-cfg.gptq_tokens // cfg.gptq_self_seq_len)
+            if sequences < env.world_size:
+                raise ValueError(f"config field gptq_tokens={cfg.gptq_tokens}: {sequences} sampled sequences of "
+                                 f"gptq_self_seq_len={cfg.gptq_self_seq_len} tokens cannot give each of the "
+                                 f"{env.world_size} ranks one")
+            batches = self_generated_batches(dense, cfg.gptq_tokens, cfg.gptq_self_seq_len,
+                                             parse_temperatures(cfg.gptq_self_temperatures), cfg.seed,
+                                             rank=env.rank, world_size=env.world_size)
+        else:
+            micro_tokens = cfg.train_batch_tokens // accum  # over all ranks, as in a training micro-step
+            batches = (loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, accum, env.device)
+                       for _ in range(-(-cfg.gptq_tokens // micro_tokens)))
+        # A tied embedding is also the output head: GPTQ it for that use (its input: the final hidden states).
+        head = {"tok_emb.weight": lambda m, x: m.hidden_states(x)} if cfg.tie_embeddings else {}
         hessians = collect_hessians(dense, batches, min_numel=SMALL_NUMEL, inputs_of=head)
     names = sorted(hessians)
     distributed.average([hessians[name] for name in names])
     return {name: hessians[name] for name in names}
+
+
+def calibration_overrun(cfg: Config, train_seconds: float, gptq_seconds: float) -> str | None:
+    """A warning when training and GPTQ's reading of training data together passed the time budget (the contest
+    counts both as training), else None."""
+    over = train_seconds + gptq_seconds - cfg.max_wallclock_seconds
+    if cfg.gptq_calibration != "train" or cfg.max_wallclock_seconds <= 0 or over <= 0:
+        return None
+    return (f"warning: training ({train_seconds:.1f}s) and GPTQ's reading of training data ({gptq_seconds:.1f}s) "
+            f"took {over:.1f}s more than max_wallclock_seconds={cfg.max_wallclock_seconds:g}, and the contest counts "
+            "both as training: raise --gptq-reserve-seconds, or calibrate on sampled text (--gptq-calibration self)")
 
 
 def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | None, logger: RunLogger,
@@ -173,6 +198,9 @@ def run(cfg: Config) -> dict[str, Any]:
             trainer.resume(cfg.resume)
         else:
             trainer.warmup()
+        if cfg.gptq_reserve_seconds > 0 and cfg.max_wallclock_seconds > 0:
+            logger.log(f"training budget {cfg.train_budget_seconds():.1f}s: max_wallclock_seconds "
+                       f"{cfg.max_wallclock_seconds:g} less gptq_reserve_seconds {cfg.gptq_reserve_seconds:g}")
         result = trainer.run()
         trainer.load_average()
         trainer.close()  # DDP's gradient buckets are not needed for evaluation and export
@@ -195,8 +223,13 @@ def run(cfg: Config) -> dict[str, Any]:
             start = time.perf_counter()
             hessians = gptq_hessians(cfg, model, loader, trainer.accum, env)
             gptq_seconds = time.perf_counter() - start
-            logger.log(f"gptq: input second moments of {len(hessians)} matrices on {cfg.gptq_tokens:,} training "
+            source = ("sampled by the model at temperatures " + cfg.gptq_self_temperatures
+                      if cfg.gptq_calibration == "self" else "training")
+            logger.log(f"gptq: input second moments of {len(hessians)} matrices on {cfg.gptq_tokens:,} {source} "
                        f"tokens in {1000 * gptq_seconds:.0f}ms")
+            overrun = calibration_overrun(cfg, result.train_seconds, gptq_seconds)
+            if overrun:
+                logger.log(overrun)
         artifact_path = run_dir / "model.tgolf"
         exported: tuple | BudgetExceeded | None = None
         if env.is_main:
@@ -234,7 +267,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "artifact_path": str(artifact_path),
             "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
-            "late_qat_step": result.late_qat_step,
+            "late_qat_step": result.switch_steps.get("late_qat"),
+            "recurrence_step": result.switch_steps.get("recurrence"),
             "train_seconds": result.train_seconds,
             "tokens_per_second": result.tokens / result.train_seconds if result.train_seconds > 0 else 0.0,
             "step_ms": 1000 * result.train_seconds / max(result.steps, 1),
