@@ -6,9 +6,10 @@ then these flags: ``--export-scheme``, ``--export-embed-scheme``, ``--export-mlp
 ``--export-clip-search``, ``--export-lowrank-rank``, ``--export-lowrank-embed-rank``, ``--export-lowrank-scheme``,
 ``--gptq-tokens``, ``--gptq-calibration``, ``--gptq-self-seq-len``, ``--gptq-self-temperatures``, ``--compressor``,
 ``--max-artifact-bytes``. GPTQ calibrates on the first ``--gptq-tokens`` of the train shards (the run itself read
-the tokens after its last step's), or with ``--gptq-calibration self`` on text the model samples. The code bytes counted towards the limit
-are the run's (``code_bytes`` in the ``summary.json`` beside the file) unless ``--code-bytes`` says otherwise:
-corrections or GPTQ that the run did not use add their modules to a submission's code, a few kB.
+the tokens after its last step's), or with ``--gptq-calibration self`` on text the model samples. The code bytes
+counted towards the limit are the run's (``code_bytes`` in the ``summary.json`` beside the file) unless
+``--code-bytes`` says otherwise: corrections or GPTQ that the run did not use add their modules to a submission's
+code, a few kB.
 
 Prints one JSON line: the artifact's bytes, its schemes and, with ``--score``, val_bpb of the trained weights and
 of the model reloaded from the new file. Exit status 0; 1 for bad input; 4 when the artifact is over the limit

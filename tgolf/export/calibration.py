@@ -8,8 +8,9 @@ tokens were 0.0020 behind. Later entries split the sequences over several temper
 1.4 on 512-token sequences; PR #1996: 0.5 and 1.5) for more varied inputs.
 
 Each sequence starts at BOS and is sampled token by token from the model's softcapped logits, recomputing the whole
-prefix at every step (no key/value cache: the GPT has none, and the cost, ~len² / 2 token-forwards per sequence,
-is a few seconds at these sizes on a GPU). Ranks sample disjoint sequences with their own seeds.
+prefix at every step: the GPT has no key/value cache, so a sequence costs ~len² / 2 token-forwards (PR #1019 took
+186 s for its 64 × 2048 tokens; tgolf's time on a GPU is not measured yet). Ranks sample disjoint sequences with
+their own seeds.
 """
 from __future__ import annotations
 

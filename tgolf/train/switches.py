@@ -11,6 +11,7 @@ run; checkpoints keep the step each switched at.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Callable
@@ -35,9 +36,7 @@ def training_switches(cfg: Config, model: nn.Module) -> list[Switch]:
     if cfg.late_qat_threshold > 0:
         from tgolf.nn.quant import set_qat_active  # only runs with QAT layers import it (code bytes)
 
-        def set_qat(active: bool) -> bool:
-            return set_qat_active(model, active)
-
+        set_qat = functools.partial(set_qat_active, model)
         if not set_qat(False):
             raise ValueError(f"config field late_qat_threshold={cfg.late_qat_threshold} needs QAT layers "
                              f"(linear=qat4..qat8), and the model has none (linear={cfg.linear})")
