@@ -96,6 +96,10 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
                    # the tied embedding
                    "--model-dim", "128", "--num-heads", "4", "--num-kv-heads", "2", "--mlp-mult", "5",
                    "--gptq-tokens", "512",
+                   # a graph that changes mid-run under DDP (the recurrence, on from step 3 of 6), parallel lanes
+                   # (no parameter left without a gradient) and MuonEq-R on each rank's share of the matrices
+                   "--recur-layers", "0", "--recur-start", "0.5", "--max-wallclock-seconds", "0",
+                   "--parallel-last-n", "2", "--muon-row-normalize",
                    # score-first TTT over both ranks, scored as the submission's val_bpb
                    "--ttt-enabled", "--ttt-chunk-tokens", "512", "--ttt-batch-seqs", "3",
                    "--submission-dir", str(tmp_path / "submission"),
@@ -105,6 +109,7 @@ def test_two_process_gloo_torchrun_ranks_agree(tmp_path, tiny_shards):
     assert "all 2 ranks agree on the trained parameters" in proc.stdout
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6 and summary["gptq_tensors"] == 5
+    assert summary["recurrence_step"] == 3
     assert summary["ttt_chunks"] == 4 and summary["ttt_adapted_chunks"] == 3 and "ttt val_loss:" in proc.stdout
     record = json.loads((tmp_path / "submission" / "submission.json").read_text())
     assert record["val_bpb"] == summary["ttt_val_bpb"] and record["roundtrip_val_bpb"] == summary["roundtrip_val_bpb"]
