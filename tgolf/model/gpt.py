@@ -113,8 +113,11 @@ class GPT(nn.Module):
         # times in a row. The U-Net pairs the first half of that order with the second, so turning the recurrence
         # on re-pairs them; skip_weights has a row for each pair of the longer order, and the plain order uses the
         # first rows.
-        self.recurrence_active = bool(cfg.recur_range())  # a plain attribute: torch.compile guards on it
-        num_skips = max(len(order) // 2 for order in (self.layer_order(False), self.layer_order(True)))
+        looped, layers = cfg.recur_range(), range(cfg.num_layers)
+        self._orders = {False: list(layers), True: [*layers[: looped.start], *list(looped) * cfg.recur_passes,
+                                                    *layers[looped.stop:]] if looped else list(layers)}
+        self.recurrence_active = bool(looped)  # a plain attribute: torch.compile guards on it
+        num_skips = max(len(order) // 2 for order in self._orders.values())
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
         self.blocks = nn.ModuleList(Block(cfg, index) for index in range(cfg.num_layers))
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
@@ -136,16 +139,11 @@ class GPT(nn.Module):
 
     def layer_order(self, recurrence: bool | None = None) -> list[int]:
         """The indices of the blocks in the order they run, with the recurrence on or off (default: as it is)."""
-        looped = self.config.recur_range()
-        recurrence = self.recurrence_active if recurrence is None else recurrence
-        if not (looped and recurrence):
-            return list(range(self.config.num_layers))
-        return [*range(looped.start), *list(looped) * self.config.recur_passes,
-                *range(looped.stop, self.config.num_layers)]
+        return self._orders[self.recurrence_active if recurrence is None else recurrence]
 
     def set_recurrence(self, active: bool) -> bool:
         """Turn the depth recurrence on or off; False (and nothing changed) when the model has none."""
-        if not self.config.recur_range():
+        if self._orders[True] == self._orders[False]:
             return False
         self.recurrence_active = active
         return True
