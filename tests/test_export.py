@@ -194,6 +194,34 @@ def test_clip_search_artifact_reloads_its_codes(tmp_path):
         assert torch.equal(tensors[name].dequantize(), qt.dequantize()), name
 
 
+def test_sdclip_scales_are_row_stds_over_qmax_uncapped():
+    torch.manual_seed(0)
+    w = torch.randn(8, 300) * torch.logspace(-2, 0, 8)[:, None]
+    codes, scales = quantize_rows(w, 6, BASELINE_CLIP_QUANTILE, CLIP_SEARCH_QUANTILES, clip_sigmas=12.85)
+    expected = (12.85 * w.std(dim=1, keepdim=True) / 31).to(torch.float16).float()  # the other clips unused
+    assert torch.equal(scales, expected) and torch.equal(codes, torch.round(w / expected).clamp(-31, 31).to(torch.int8))
+    assert bool((scales[:, 0] * 31 > w.abs().amax(1)).all())  # wider than the row: a coarser grid than absmax's
+    assert codes.abs().max() < 31
+    tight_codes, _ = quantize_rows(w, 6, None, clip_sigmas=1.0)  # one std: the tails clip at ±qmax
+    assert bool((tight_codes.abs() == 31).any(1).all())
+    with pytest.raises(ValueError, match="clip_sigmas=0"):
+        quantize_rows(w, 6, None, clip_sigmas=0.0)
+
+
+def test_sdclip_reaches_the_named_matrices_and_the_artifact(tmp_path):
+    model = random_gpt()
+    sigmas = quantize_mod.part_clip_sigmas(model, 12.85, 20.0, small_numel=SMALL)
+    assert sigmas["tok_emb.weight"] == 20.0 and set(sigmas.values()) == {12.85, 20.0}
+    write_artifact(tmp_path / "m.tgz", model, tiny_config(), "int6", small_numel=SMALL, clip_sigmas=sigmas)
+    tensors, _, meta = read_artifact(tmp_path / "m.tgz")
+    assert meta["clip_sigmas"] == sigmas
+    state = model.state_dict()
+    for name, k in sigmas.items():
+        assert torch.equal(tensors[name].scales, quantize_rows(state[name], 6, None, clip_sigmas=k)[1]), name
+    with pytest.raises(ValueError, match="clip_sigmas given for tensors the model does not have"):
+        quantize_model(model, "int6", small_numel=SMALL, clip_sigmas={"nope.weight": 3.0})
+
+
 # --- packing -------------------------------------------------------------------------------------------------
 
 

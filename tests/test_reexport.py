@@ -45,11 +45,13 @@ def test_the_runs_own_settings_give_its_artifact_and_scores(trained_run, tmp_pat
 def test_other_settings_give_their_own_artifact(trained_run, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EXPORT_SCHEME", "int5")  # the environment, then the flags
     code, record, _ = _export(capsys, "--trained", str(trained_run / "trained.pt"), "--out", str(tmp_path / "b.tgolf"),
-                              "--export-lowrank-embed-rank", "2", "--gptq-tokens", "512", "--code-bytes", "100")
+                              "--export-lowrank-embed-rank", "2", "--gptq-tokens", "512", "--code-bytes", "100",
+                              "--export-embed-clip-sigmas", "20")
     assert code == 0 and record["export_scheme"] == "int5" and record["gptq_tensors"] > 0
     assert record["artifact_bytes"] == record["model_bytes"] + 100
     tensors, config, meta = read_artifact(tmp_path / "b.tgolf")
     assert meta["lowrank_tensors"] == 1 and config["export_lowrank_embed_rank"] == 2
+    assert meta["clip_sigmas"] == {"tok_emb.weight": 20.0}  # SDClip's scales, GPTQ's codes
     assert tensors["tok_emb.weight"].scheme == "int5" and tensors["tok_emb.weight"].correction is not None
 
 

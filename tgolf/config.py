@@ -168,6 +168,8 @@ class Config:
     gptq_self_temperatures: str = "0.8"  # self: sampling temperatures, the sequences split evenly, e.g. "0.5,1.5"
     export_fit: bool = False  # over max_artifact_bytes: retry with fewer bits (MLP first, not the embedding) to int4
     export_clip_search: bool = False  # per row, the clip quantile (of 5) with the least round-trip error ("GPTQ-lite")
+    export_clip_sigmas: float = 0.0  # >0: SDClip, the matrices' row scales = this many stds / qmax, uncapped
+    export_embed_clip_sigmas: float = 0.0  # the same for the embedding (and an untied head)
     export_lowrank_rank: int = 0  # rank of a correction of each non-embedding int matrix's rounding error; 0: none
     export_lowrank_embed_rank: int = 0  # the same for the embedding (and an untied head): where it paid on a CPU
     export_lowrank_scheme: str = "int4"  # bits of that correction's two factors (the best record: int4)
@@ -321,7 +323,8 @@ class Config:
         if self.gptq_self_seq_len <= 0:
             raise ValueError(f"config field gptq_self_seq_len={self.gptq_self_seq_len}: must be > 0")
         parse_temperatures(self.gptq_self_temperatures)
-        for name in ("gptq_tokens", "export_lowrank_rank", "export_lowrank_embed_rank"):
+        for name in ("gptq_tokens", "export_lowrank_rank", "export_lowrank_embed_rank", "export_clip_sigmas",
+                     "export_embed_clip_sigmas"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
         if self.gptq_tokens and linear_family not in ("bf16", "fp8"):

@@ -3,13 +3,13 @@ weights again with other export settings, without training again.
 
 The run must have been started with ``--save-trained``. Settings come from the run's config, then the environment,
 then these flags: ``--export-scheme``, ``--export-embed-scheme``, ``--export-mlp-scheme``, ``--export-fit``,
-``--export-clip-search``, ``--export-lowrank-rank``, ``--export-lowrank-embed-rank``, ``--export-lowrank-scheme``,
-``--gptq-tokens``, ``--gptq-calibration``, ``--gptq-self-seq-len``, ``--gptq-self-temperatures``, ``--compressor``,
-``--max-artifact-bytes``. GPTQ calibrates on the first ``--gptq-tokens`` of the train shards (the run itself read
-the tokens after its last step's), or with ``--gptq-calibration self`` on text the model samples. The code bytes
-counted towards the limit are the run's (``code_bytes`` in the ``summary.json`` beside the file) unless
-``--code-bytes`` says otherwise: corrections or GPTQ that the run did not use add their modules to a submission's
-code, a few kB.
+``--export-clip-search``, ``--export-clip-sigmas``, ``--export-embed-clip-sigmas``, ``--export-lowrank-rank``,
+``--export-lowrank-embed-rank``, ``--export-lowrank-scheme``, ``--gptq-tokens``, ``--gptq-calibration``,
+``--gptq-self-seq-len``, ``--gptq-self-temperatures``, ``--compressor``, ``--max-artifact-bytes``. GPTQ
+calibrates on the first ``--gptq-tokens`` of the train shards (the run itself read the tokens after its last
+step's), or with ``--gptq-calibration self`` on text the model samples. The code bytes counted towards the limit
+are the run's (``code_bytes`` in the ``summary.json`` beside the file) unless ``--code-bytes`` says otherwise:
+corrections or GPTQ that the run did not use add their modules to a submission's code, a few kB.
 
 Prints one JSON line: the artifact's bytes, its schemes and, with ``--score``, val_bpb of the trained weights and
 of the model reloaded from the new file. Exit status 0; 1 for bad input; 4 when the artifact is over the limit
@@ -30,6 +30,7 @@ import torch
 from tgolf.config import add_config_arguments, env_overrides
 
 EXPORT_FIELDS = ["export_scheme", "export_embed_scheme", "export_mlp_scheme", "export_fit", "export_clip_search",
+                 "export_clip_sigmas", "export_embed_clip_sigmas",
                  "export_lowrank_rank", "export_lowrank_embed_rank", "export_lowrank_scheme", "gptq_tokens",
                  "gptq_calibration", "gptq_self_seq_len", "gptq_self_temperatures", "compressor",
                  "max_artifact_bytes"]

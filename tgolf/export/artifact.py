@@ -69,14 +69,16 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
                    small_dtype: str = "fp16", clip_quantile: float | None = BASELINE_CLIP_QUANTILE,
                    code: CodeBytes | None = None, hessians: Mapping[str, Any] | None = None,
                    schemes: Mapping[str, str] | None = None, clip_search: Sequence[float] = (),
-                   lowrank_ranks: Mapping[str, int] | None = None, lowrank_scheme: str = "int4") -> ArtifactInfo:
+                   lowrank_ranks: Mapping[str, int] | None = None, lowrank_scheme: str = "int4",
+                   clip_sigmas: Mapping[str, float] | None = None) -> ArtifactInfo:
     """Quantize ``model``, write the compressed artifact to ``path`` atomically and account for its bytes.
 
     ``config`` is the run's tgolf Config (or its ``to_dict()``); the reload rebuilds the model from it.
     An existing file is never replaced unless ``overwrite=True``. ``code`` defaults to ``count_code_bytes()``
     packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on
     GPTQ for those matrices, ``schemes`` gives some matrices their own bits, ``clip_search`` searches each
-    row's clip and ``lowrank_ranks`` adds low-rank corrections of some rounding errors (see quantize_model).
+    row's clip, ``clip_sigmas`` gives some matrices SDClip's scales and ``lowrank_ranks`` adds low-rank
+    corrections of some rounding errors (see quantize_model).
     The artifact is decompressed and compared before it is kept.
     """
     path = Path(path)
@@ -84,10 +86,13 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
         raise FileExistsError(f"artifact {path} already exists; pass overwrite=True to replace it")
     qtensors = quantize_model(model, scheme, small_numel=small_numel, small_dtype=small_dtype,
                               clip_quantile=clip_quantile, hessians=hessians, schemes=schemes,
-                              clip_search=clip_search, lowrank_ranks=lowrank_ranks, lowrank_scheme=lowrank_scheme)
+                              clip_search=clip_search, lowrank_ranks=lowrank_ranks, lowrank_scheme=lowrank_scheme,
+                              clip_sigmas=clip_sigmas)
     meta = {"tgolf_version": tgolf.__version__, "export_scheme": scheme, "small_dtype": small_dtype,
             "clip_quantile": None if clip_search else clip_quantile, "clip_search": list(clip_search),
             "gptq_tensors": len(hessians or {})}
+    if clip_sigmas:
+        meta["clip_sigmas"] = dict(clip_sigmas)
     corrected = sum(qt.correction is not None for qt in qtensors.values())
     if corrected:
         meta.update(lowrank_tensors=corrected, lowrank_scheme=lowrank_scheme)

@@ -105,12 +105,13 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
     schemes of the matrices and the MLP matrices it has: the configured ones, or with ``export_fit`` the first
     of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's code, estimated)."""
     from tgolf.export import CodeBytes, write_artifact
-    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_lowrank_ranks, part_schemes
+    from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_clip_sigmas, part_lowrank_ranks, part_schemes
 
     options = dict(compressor=cfg.compressor, hessians=hessians, code=CodeBytes(total=0, files=()),
                    clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else (),
                    lowrank_ranks=part_lowrank_ranks(model, cfg.export_lowrank_rank, cfg.export_lowrank_embed_rank),
-                   lowrank_scheme=cfg.export_lowrank_scheme)
+                   lowrank_scheme=cfg.export_lowrank_scheme,
+                   clip_sigmas=part_clip_sigmas(model, cfg.export_clip_sigmas, cfg.export_embed_clip_sigmas))
     if not cfg.export_fit:
         info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True,
                               schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme), **options)
