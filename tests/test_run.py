@@ -32,6 +32,7 @@ def test_one_command_trains_exports_scores_and_packages(tmp_path, tiny_shards, c
         assert key in summary, key
     assert summary["steps"] == 6 and summary["artifact_bytes"] == summary["model_bytes"] + summary["code_bytes"]
     assert summary["model_bytes"] == (tmp_path / "r1" / "model.tgolf").stat().st_size
+    assert summary["entropy_coder"] == "rans"  # the default: the int codes rANS-coded (tgolf.export.rans)
     assert abs(summary["roundtrip_val_bpb"] - summary["val_bpb"]) < 0.05  # int8 roundtrip barely moves the score
     assert [h["step"] for h in summary["val_history"]] == [3, 6]
     record = json.loads((sub / "submission.json").read_text())

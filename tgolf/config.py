@@ -23,6 +23,7 @@ LINEAR_DECAYS = ("none", "head", "token")
 EXPORT_SCHEMES = ("int8", "int7", "int6", "int5", "int4")
 COMPRESSORS = ("best", "zlib", "lzma", "brotli", "zstd")
 MUON_BACKENDS = ("newton_schulz", "polar_express")  # tgolf.train.orthogonalize
+ENTROPY_CODERS = ("rans", "none")  # tgolf.export.rans; none: the codes as bytes, left to the compressor
 GPTQ_CALIBRATIONS = ("train", "self")  # tgolf.train.run.gptq_hessians; self: tgolf.export.calibration
 TTT_MODES = ("full", "lora")  # tgolf.eval.ttt (the stream, every weight), tgolf.eval.lora_ttt (per document)
 CODE_PACKS = ("lzma", "none")  # tgolf.export.codepack's self-extracting script, or the source files as they are
@@ -173,6 +174,7 @@ class Config:
     export_lowrank_rank: int = 0  # rank of a correction of each non-embedding int matrix's rounding error; 0: none
     export_lowrank_embed_rank: int = 0  # the same for the embedding (and an untied head): where it paid on a CPU
     export_lowrank_scheme: str = "int4"  # bits of that correction's two factors (the best record: int4)
+    export_entropy_coder: str = "rans"  # the int codes: rANS with each matrix's histogram | none: bytes for compressor
     save_trained: bool = False  # also write <run>/trained.pt (the float weights), to re-export: python -m tgolf.export
     compressor: str = "best"
     code_pack: str = "lzma"  # code bytes: lzma (one self-extracting script, as records ship theirs) | none (the files)
@@ -248,7 +250,7 @@ class Config:
         choices = {
             "mlp": MLP_KINDS, "attention": ATTENTION_KINDS, "loss": LOSS_KINDS,
             "mlp_activation": ACTIVATIONS, "export_scheme": EXPORT_SCHEMES, "compressor": COMPRESSORS,
-            "code_pack": CODE_PACKS,
+            "code_pack": CODE_PACKS, "export_entropy_coder": ENTROPY_CODERS,
             "export_embed_scheme": ("", *EXPORT_SCHEMES), "export_mlp_scheme": ("", *EXPORT_SCHEMES),
             "export_lowrank_scheme": EXPORT_SCHEMES,
             "device": ("auto", "cuda", "cpu"), "compile": ("auto", "on", "off"),

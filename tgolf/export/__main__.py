@@ -31,7 +31,8 @@ from tgolf.config import add_config_arguments, env_overrides
 
 EXPORT_FIELDS = ["export_scheme", "export_embed_scheme", "export_mlp_scheme", "export_fit", "export_clip_search",
                  "export_clip_sigmas", "export_embed_clip_sigmas",
-                 "export_lowrank_rank", "export_lowrank_embed_rank", "export_lowrank_scheme", "gptq_tokens",
+                 "export_lowrank_rank", "export_lowrank_embed_rank", "export_lowrank_scheme",
+                 "export_entropy_coder", "gptq_tokens",
                  "gptq_calibration", "gptq_self_seq_len", "gptq_self_temperatures", "compressor",
                  "max_artifact_bytes"]
 
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"artifact": str(out), "model_bytes": info.model_bytes, "code_bytes": code_bytes,
               "artifact_bytes": info.artifact_bytes, "limit": config.max_artifact_bytes,
               "fits": info.artifact_bytes <= config.max_artifact_bytes, "compressor": info.compressor,
+              "entropy_coder": info.entropy_coder,
               "export_scheme": scheme, "export_mlp_scheme": mlp_scheme,
               "export_embed_scheme": config.export_embed_scheme or config.export_scheme,
               "gptq_tensors": len(hessians or {}), "export_lowrank_rank": config.export_lowrank_rank,

@@ -37,6 +37,7 @@ class ArtifactInfo:
     path: str
     scheme: str  # export scheme of the plain float matrices (int4..int8)
     compressor: str  # the one kept
+    entropy_coder: str  # how the int codes are stored: "rans" (tgolf.export.rans) or "none" (bytes)
     raw_bytes: int  # serialized model file before compression
     model_bytes: int  # the artifact file on disk
     code_bytes: int
@@ -70,7 +71,7 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
                    code: CodeBytes | None = None, hessians: Mapping[str, Any] | None = None,
                    schemes: Mapping[str, str] | None = None, clip_search: Sequence[float] = (),
                    lowrank_ranks: Mapping[str, int] | None = None, lowrank_scheme: str = "int4",
-                   clip_sigmas: Mapping[str, float] | None = None) -> ArtifactInfo:
+                   clip_sigmas: Mapping[str, float] | None = None, entropy_coder: str = "rans") -> ArtifactInfo:
     """Quantize ``model``, write the compressed artifact to ``path`` atomically and account for its bytes.
 
     ``config`` is the run's tgolf Config (or its ``to_dict()``); the reload rebuilds the model from it.
@@ -78,10 +79,13 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
     packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on
     GPTQ for those matrices, ``schemes`` gives some matrices their own bits, ``clip_search`` searches each
     row's clip, ``clip_sigmas`` gives some matrices SDClip's scales and ``lowrank_ranks`` adds low-rank
-    corrections of some rounding errors (see quantize_model).
+    corrections of some rounding errors (see quantize_model). ``entropy_coder="rans"`` stores the int codes
+    rANS-coded with each matrix's own code histogram (tgolf.export.rans), "none" as bytes for the compressor.
     The artifact is decompressed and compared before it is kept.
     """
     path = Path(path)
+    if entropy_coder not in ("rans", "none"):
+        raise ValueError(f"entropy_coder={entropy_coder!r}: expected 'rans' or 'none'")
     if path.exists() and not overwrite:
         raise FileExistsError(f"artifact {path} already exists; pass overwrite=True to replace it")
     qtensors = quantize_model(model, scheme, small_numel=small_numel, small_dtype=small_dtype,
@@ -96,7 +100,7 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
     corrected = sum(qt.correction is not None for qt in qtensors.values())
     if corrected:
         meta.update(lowrank_tensors=corrected, lowrank_scheme=lowrank_scheme)
-    blob = serialize(qtensors, _config_dict(config), meta)
+    blob = serialize(qtensors, _config_dict(config), meta, entropy_code=entropy_coder == "rans")
     container, chosen, sizes = compress(blob, compressor)
     if decompress(container)[0] != blob:  # never keep an artifact that does not read back
         raise RuntimeError(f"artifact: the {chosen} stream did not decompress to the serialized model")
@@ -120,7 +124,8 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
     for qt in qtensors.values():
         for part in (qt, *(qt.correction or ())):
             params[part.scheme] = params.get(part.scheme, 0) + part.numel
-    info = ArtifactInfo(path=str(path), scheme=scheme, compressor=chosen, raw_bytes=len(blob),
+    info = ArtifactInfo(path=str(path), scheme=scheme, compressor=chosen, entropy_coder=entropy_coder,
+                        raw_bytes=len(blob),
                         model_bytes=model_bytes, code_bytes=0, artifact_bytes=model_bytes, compressed_sizes=sizes,
                         params_by_scheme=params)
     return info.with_code(code)

@@ -3,8 +3,8 @@
 Layout (all integers little-endian):
 
     offset 0    8 bytes   magic b"TGOLFMDL"
-    offset 8    u32       format version (2, or 3 when a tensor has a low-rank correction; version 1 files still
-                          load, see below)
+    offset 8    u32       format version (2; 3 when a tensor has a low-rank correction; 4 when codes are
+                          rANS-coded; version 1 files still load, see below)
     offset 12   u64       H = header length in bytes
     offset 20   H bytes   header: UTF-8 JSON object
     offset 20+H           payload: raw buffers, back to back, exactly ``payload_bytes`` long, to the end of the file
@@ -34,22 +34,27 @@ Offsets are relative to the payload start. Buffers:
       - "int8":  one two's-complement byte per code,
       - "bits4": ``pack_bits(codes, 4)``, two codes per byte,
       - "trits": ``pack_trits(codes)``, 959 ternary codes per 190 bytes (1.58498 bits a code), written for ternary,
-      - "base3": ``pack_base3(codes)``, five ternary codes per byte (1.6 bits), read for ternary (version 1).
+      - "base3": ``pack_base3(codes)``, five ternary codes per byte (1.6 bits), read for ternary (version 1);
+      - "rans":  int4..int8 codes entropy-coded with histograms of the matrix's own codes, one per group of rows
+        and columns (tgolf.export.rans), a variable length checked by decoding it exactly; written when the writer
+        is asked for it (version 4; write_artifact's default).
     Measured choice (2.1M weights: four 1024×512 matrices of N(0, 1) times a per-row factor U(0.5, 1.5),
     per-row quantize_weight with the baseline clip; ternary by round(w / mean|w|) per row; the smallest output
     of zlib-9 / lzma-9e / brotli-11 / zstd-22, in bits per weight): int6 5.348 as int8 bytes vs 5.693
     bit-packed; int5 4.306 vs 4.819; int7 6.366 vs 7.000; int8 equal (7.376); int4 3.221 vs 3.194 bit-packed;
     ternary (31% zeros) 1.654 as int8 bytes, 1.595 2-bit, 1.587 base-3. Byte-aligned codes let the entropy
     coders see whole symbols; 6- and 5-bit packing splits them across bytes and costs more than it saves.
-    So: int5..int8 → "int8", int4 → "bits4", ternary → base 3, now in 959-code blocks ("trits"): 1.58498 bits a
-    code before any compressor, which none of the four shrinks further (python -m tgolf.export.measure_ternary).
+    So, without the entropy coder: int5..int8 → "int8", int4 → "bits4"; ternary → base 3, now in 959-code blocks
+    ("trits"): 1.58498 bits a code before any compressor, which none of the four shrinks further
+    (python -m tgolf.export.measure_ternary).
     The payload holds all codes, then all scales, then all float data, compressed as one stream: compressing
     those three sections separately measured no smaller (brotli-11 on a baseline-shaped int6 model with
     N(0, 0.02) matrices: 11,417,970 bytes split vs 11,413,293 whole).
 
 Version 1 (before "trits" and "adaptive") had no ``scales_coding`` field: its scales are fp16 and its ternary codes
 "base3"; such files load unchanged. A version-1 reader refuses version-2 files by their version number. Version 3
-only adds ``correction``; the writer uses it only for files that have one, so other files stay as they were.
+only adds ``correction``, and version 4 the "rans" packing; the writer uses each only for files that need it, so
+other files stay as they were.
 
 Loading checks the magic, version, header JSON, every field of every entry, each buffer's exact length for its
 shape and packing (an adaptive scales buffer: that it decodes to exactly N×G values and ends where its span
@@ -72,8 +77,8 @@ from tgolf.export.packing import (pack_bits, pack_fp16_adaptive, pack_trits, pac
 from tgolf.export.quantize import QuantTensor, code_range, num_groups, scheme_bits
 
 MAGIC = b"TGOLFMDL"
-VERSION = 3  # the newest version: written when a tensor has a correction, else 2
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4  # the newest version: written when codes are rANS-coded; else 3 when a tensor has a correction; else 2
+READABLE_VERSIONS = (1, 2, 3, 4)
 FORMAT_NAME = "tgolf-model"
 _PREFIX = struct.Struct("<8sIQ")
 _RAW_DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -91,17 +96,32 @@ def _require_little_endian() -> None:
         raise RuntimeError("tgolf model files are little-endian; this machine is big-endian")
 
 
-def code_packing(scheme: str) -> str:
+def code_packing(scheme: str, entropy_code: bool = False) -> str:
     """How the writer stores the codes of a quantized scheme (the measured choice in the module docstring)."""
     if scheme == "ternary":
         return "trits"
+    if entropy_code:
+        return "rans"
     return "bits4" if scheme_bits(scheme) == 4 else "int8"
 
 
 def _readable_packings(scheme: str, version: int) -> tuple[str, ...]:
     if scheme == "ternary":
         return ("base3",) if version == 1 else ("trits", "base3")
-    return (code_packing(scheme),)
+    return (code_packing(scheme),) + (("rans",) if version >= 4 else ())
+
+
+def _with_corrections(tensors: Mapping[str, QuantTensor]) -> list[QuantTensor]:
+    """Every tensor and, after each, the two parts of its low-rank correction."""
+    return [part for qt in tensors.values() for part in (qt, *(qt.correction or ()))]
+
+
+def _rans_coded(tensors: Mapping[str, QuantTensor]) -> dict[int, bytes]:
+    """The rANS buffers of every int tensor's codes (corrections included), coded together, by id of the tensor."""
+    from tgolf.export.rans import rans_encode
+
+    parts = [qt for qt in _with_corrections(tensors) if qt.codes is not None and qt.scheme != "ternary"]
+    return {id(qt): buf for qt, buf in zip(parts, rans_encode([qt.codes.numpy() for qt in parts]))}
 
 
 def _codes_length(packing: str, n: int) -> int:
@@ -153,11 +173,13 @@ def _tensor_from_bytes(buf: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -
 
 
 def serialize(tensors: Mapping[str, QuantTensor], config: Mapping[str, Any],
-              meta: Mapping[str, Any] | None = None) -> bytes:
-    """The model file's bytes for ``tensors`` (from quantize_model) and the run's config dict."""
+              meta: Mapping[str, Any] | None = None, *, entropy_code: bool = False) -> bytes:
+    """The model file's bytes for ``tensors`` (from quantize_model) and the run's config dict; ``entropy_code``
+    stores the int schemes' codes rANS-coded ("rans" packing, a version 4 file)."""
     _require_little_endian()
     sections: dict[str, list[tuple[dict, str, bytes]]] = {"codes": [], "scales": [], "data": []}
-    entries = [_entry(name, qt, sections) for name, qt in tensors.items()]
+    coded = _rans_coded(tensors) if entropy_code else {}
+    entries = [_entry(name, qt, sections, coded) for name, qt in tensors.items()]
     offset, chunks = 0, []
     for kind in ("codes", "scales", "data"):
         for entry, key, buf in sections[kind]:
@@ -167,22 +189,25 @@ def serialize(tensors: Mapping[str, QuantTensor], config: Mapping[str, Any],
     header = {"format": FORMAT_NAME, "config": dict(config), "meta": dict(meta or {}), "payload_bytes": offset,
               "tensors": entries}
     header_bytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
-    version = VERSION if any(qt.correction is not None for qt in tensors.values()) else 2
+    version = 4 if coded else 3 if any(qt.correction is not None for qt in tensors.values()) else 2
     return _PREFIX.pack(MAGIC, version, len(header_bytes)) + header_bytes + b"".join(chunks)
 
 
-def _entry(name: str, qt: QuantTensor, sections: dict[str, list[tuple[dict, str, bytes]]]) -> dict[str, Any]:
-    """The header entry of one tensor; its buffers are queued in ``sections`` (their spans are set later)."""
+def _entry(name: str, qt: QuantTensor, sections: dict[str, list[tuple[dict, str, bytes]]],
+           coded: Mapping[int, bytes]) -> dict[str, Any]:
+    """The header entry of one tensor; its buffers are queued in ``sections`` (their spans are set later).
+    ``coded`` holds the rANS buffers of the tensors whose codes are entropy-coded, by id."""
     entry: dict[str, Any] = {"name": name, "scheme": qt.scheme, "shape": list(qt.shape), "group_size": qt.group_size}
     if qt.codes is not None:
-        entry["packing"] = code_packing(qt.scheme)
+        entry["packing"] = code_packing(qt.scheme, id(qt) in coded)
         entry["scales_coding"], scale_bytes = _pack_scales(qt.scheme, qt.scales)
-        sections["codes"].append((entry, "codes", _pack_codes(qt.codes, entry["packing"])))
+        code_bytes = coded[id(qt)] if id(qt) in coded else _pack_codes(qt.codes, entry["packing"])
+        sections["codes"].append((entry, "codes", code_bytes))
         sections["scales"].append((entry, "scales", scale_bytes))
         if qt.correction is not None:
             up, down = qt.correction
-            entry["correction"] = {"up": _entry(f"{name} correction up", up, sections),
-                                   "down": _entry(f"{name} correction down", down, sections)}
+            entry["correction"] = {"up": _entry(f"{name} correction up", up, sections, coded),
+                                   "down": _entry(f"{name} correction down", down, sections, coded)}
         return entry
     entry["packing"] = "none"
     if qt.scheme == "raw":
@@ -249,8 +274,43 @@ def _parse_header(blob: bytes) -> tuple[dict[str, Any], int, int]:
     return header, header_end, version
 
 
+def _entries_with_corrections(entries: list[Any]) -> list[dict[str, Any]]:
+    """The header's tensor entries and the parts of their corrections, as far as they are JSON objects."""
+    found = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            found.append(entry)
+            correction = entry.get("correction")
+            if isinstance(correction, dict):
+                found.extend(part for part in (correction.get("up"), correction.get("down")) if isinstance(part, dict))
+    return found
+
+
+def _rans_decoded(entries: list[Any], payload: memoryview, payload_bytes: int) -> dict[int, torch.Tensor]:
+    """The codes of every "rans"-packed entry, decoded together (by id of the entry). Entries too malformed to
+    decode are left to _parse_entry, which names what is wrong with them."""
+    from tgolf.export.rans import RansError, rans_decode
+
+    pending: list[tuple[dict[str, Any], str, bytes, tuple[int, int]]] = []
+    for entry in _entries_with_corrections(entries):
+        shape = entry.get("shape")
+        if entry.get("packing") != "rans" or not isinstance(shape, list) or len(shape) != 2 or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            continue
+        where = f"tensor {entry.get('name')!r}"
+        start, length = _span(entry, "codes", None, payload_bytes, where)
+        pending.append((entry, where, bytes(payload[start: start + length]), (shape[0], shape[1])))
+    try:
+        codes = rans_decode([buf for _, _, buf, _ in pending], [shape for *_, shape in pending])
+    except RansError as exc:
+        raise FormatError(f"{pending[exc.stream][1]}: field 'codes': {exc}") from None
+    # int64: _parse_entry checks the range of the scheme before the codes become int8
+    return {id(entry): torch.from_numpy(c.reshape(-1)) for (entry, *_), c in zip(pending, codes)}
+
+
 def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int,
-                 spans: list[tuple[int, int, str]], version: int) -> tuple[str, QuantTensor]:
+                 spans: list[tuple[int, int, str]], version: int,
+                 decoded: Mapping[int, torch.Tensor]) -> tuple[str, QuantTensor]:
     if not isinstance(entry, dict):
         raise FormatError(f"tensor #{index}: entry must be a JSON object")
     name = _get(entry, "name", str, f"tensor #{index}")
@@ -300,11 +360,15 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
     if scales_coding not in ("fp16", "adaptive"):
         raise FormatError(f"{where}: field 'scales_coding' is {scales_coding!r}, expected 'fp16' or 'adaptive'")
     n, k = shape
-    code_bytes = take("codes", _codes_length(packing, numel))
-    try:
-        codes = _unpack_codes(code_bytes, packing, numel)
-    except ValueError as exc:
-        raise FormatError(f"{where}: field 'codes': {exc}") from None
+    if packing == "rans":
+        take("codes", None)
+        codes = decoded[id(entry)]
+    else:
+        code_bytes = take("codes", _codes_length(packing, numel))
+        try:
+            codes = _unpack_codes(code_bytes, packing, numel)
+        except ValueError as exc:
+            raise FormatError(f"{where}: field 'codes': {exc}") from None
     low, high = code_range(scheme)
     if numel and (int(codes.min()) < low or int(codes.max()) > high):
         raise FormatError(f"{where}: field 'codes' holds values outside [{low}, {high}] for scheme {scheme!r}")
@@ -321,14 +385,14 @@ def _parse_entry(entry: Any, index: int, payload: memoryview, payload_bytes: int
         raise FormatError(f"{where}: field 'scales' holds NaN or inf")
     correction = None
     if "correction" in entry:
-        correction = _parse_correction(entry, where, shape, payload, payload_bytes, spans, version)
-    return name, QuantTensor(scheme, shape, codes=codes.reshape(n, k), scales=scales, group_size=group_size,
-                             correction=correction)
+        correction = _parse_correction(entry, where, shape, payload, payload_bytes, spans, version, decoded)
+    return name, QuantTensor(scheme, shape, codes=codes.to(torch.int8).reshape(n, k), scales=scales,
+                             group_size=group_size, correction=correction)
 
 
 def _parse_correction(entry: Mapping[str, Any], where: str, shape: tuple[int, ...], payload: memoryview,
-                      payload_bytes: int, spans: list[tuple[int, int, str]], version: int
-                      ) -> tuple[QuantTensor, QuantTensor]:
+                      payload_bytes: int, spans: list[tuple[int, int, str]], version: int,
+                      decoded: Mapping[int, torch.Tensor]) -> tuple[QuantTensor, QuantTensor]:
     """An int matrix's (up [r, N], down [r, K]) low-rank correction, every field checked."""
     if version < 3:
         raise FormatError(f"{where}: field 'correction' needs a version 3 file, this one is version {version}")
@@ -338,7 +402,7 @@ def _parse_correction(entry: Mapping[str, Any], where: str, shape: tuple[int, ..
         part_where = f"{where} correction {key}"
         sub = _get(correction, key, dict, f"{where} correction")
         _get(sub, "name", str, part_where)  # checked here: _parse_entry would name it by an index it does not have
-        _, part = _parse_entry(sub, 0, payload, payload_bytes, spans, version)
+        _, part = _parse_entry(sub, 0, payload, payload_bytes, spans, version, decoded)
         if not part.scheme.startswith("int") or part.group_size is not None or part.correction is not None:
             raise FormatError(f"{part_where}: must be an int4..int8 matrix with per-row scales and no correction "
                               f"of its own")
@@ -360,8 +424,9 @@ def deserialize(blob: bytes | bytearray | memoryview) -> tuple[dict[str, QuantTe
     payload_bytes = header["payload_bytes"]
     tensors: dict[str, QuantTensor] = {}
     spans: list[tuple[int, int, str]] = []
+    decoded = _rans_decoded(header["tensors"], payload, payload_bytes) if version >= 4 else {}
     for index, entry in enumerate(header["tensors"]):
-        name, qt = _parse_entry(entry, index, payload, payload_bytes, spans, version)
+        name, qt = _parse_entry(entry, index, payload, payload_bytes, spans, version, decoded)
         if name in tensors:
             raise FormatError(f"tensor {name!r}: the name appears twice")
         tensors[name] = qt

@@ -111,7 +111,8 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
                    clip_search=CLIP_SEARCH_QUANTILES if cfg.export_clip_search else (),
                    lowrank_ranks=part_lowrank_ranks(model, cfg.export_lowrank_rank, cfg.export_lowrank_embed_rank),
                    lowrank_scheme=cfg.export_lowrank_scheme,
-                   clip_sigmas=part_clip_sigmas(model, cfg.export_clip_sigmas, cfg.export_embed_clip_sigmas))
+                   clip_sigmas=part_clip_sigmas(model, cfg.export_clip_sigmas, cfg.export_embed_clip_sigmas),
+                   entropy_coder=cfg.export_entropy_coder)
     if not cfg.export_fit:
         info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True,
                               schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme), **options)
@@ -132,6 +133,8 @@ def estimated_code_bytes(cfg: Config) -> int:
     # imported now, so that the estimate counts them
     if cfg.export_lowrank_rank or cfg.export_lowrank_embed_rank:
         import tgolf.export.lowrank  # noqa: F401
+    if cfg.export_entropy_coder == "rans":
+        import tgolf.export.rans  # noqa: F401
     if cfg.ttt_enabled:
         import tgolf.eval.ttt  # noqa: F401
         if cfg.ttt_mode == "lora":
@@ -251,7 +254,8 @@ def run(cfg: Config) -> dict[str, Any]:
             info = info.with_code(count_code_bytes(pack=cfg.code_pack, config=cfg.to_dict()))
             packed = (f"packed script, {info.code_bytes_raw:,} B as files" if info.code_pack != "none"
                       else info.code_not_packed or "as files")
-            logger.log(f"artifact {artifact_path}: model {info.model_bytes:,} B ({info.compressor}) + code "
+            logger.log(f"artifact {artifact_path}: model {info.model_bytes:,} B ({info.compressor}, codes "
+                       f"{info.entropy_coder}) + code "
                        f"{info.code_bytes:,} B ({packed}) = {info.artifact_bytes:,} B (limit "
                        f"{cfg.max_artifact_bytes:,})")
         info = distributed.broadcast_object(info)
@@ -264,7 +268,8 @@ def run(cfg: Config) -> dict[str, Any]:
             "quantization_gap_bpb": post["val_bpb"] - pre["val_bpb"],
             "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
             "code_pack": info.code_pack, "code_bytes_raw": info.code_bytes_raw,
-            "compressor": info.compressor, "export_scheme": schemes[0], "export_mlp_scheme": schemes[1],
+            "compressor": info.compressor, "entropy_coder": info.entropy_coder,
+            "export_scheme": schemes[0], "export_mlp_scheme": schemes[1],
             "artifact_path": str(artifact_path),
             "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,

@@ -1,0 +1,90 @@
+"""Measure what the rANS entropy coder saves on an artifact's own integer codes.
+
+    python -m tgolf.export.measure_codes runs/my_run/model.tgz [more artifacts ...]
+
+For each artifact: per int matrix, bits a code for the codes' order-0 entropy (the floor of any coder that sees
+codes one at a time), for the "rans" buffer and for brotli-11 over the codes as bytes; then the whole model file
+compressed by each general compressor, its codes stored as bytes ("none") and rANS-coded ("rans"), which is the
+comparison an export makes. The artifact is read, never written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tgolf.export.artifact import read_artifact
+from tgolf.export.compress import available_compressors, compress_all
+from tgolf.export.format import serialize
+from tgolf.export.quantize import QuantTensor
+from tgolf.export.rans import rans_encode
+
+
+def entropy_bits(codes: np.ndarray) -> float:
+    """Order-0 entropy of the codes, in bits (all of them, not a code)."""
+    counts = np.unique(codes, return_counts=True)[1]
+    return float(-(counts * np.log2(counts / counts.sum())).sum())
+
+
+def int_parts(tensors: dict[str, QuantTensor]) -> dict[str, QuantTensor]:
+    """Every int matrix, the parts of low-rank corrections included, by name."""
+    parts = {}
+    for name, qt in tensors.items():
+        for suffix, part in (("", qt), *zip((" correction up", " correction down"), qt.correction or ())):
+            if part.codes is not None and part.scheme != "ternary":
+                parts[name + suffix] = part
+    return parts
+
+
+def measure(path: Path) -> dict:
+    """Per-matrix and whole-file figures for one artifact (see the module docstring)."""
+    import brotli
+
+    tensors, config, meta = read_artifact(path)
+    parts = int_parts(tensors)
+    buffers = rans_encode([qt.codes.numpy() for qt in parts.values()])
+    rows = []
+    for (name, qt), buf in zip(parts.items(), buffers):
+        codes = qt.codes.numpy().reshape(-1)
+        per_code = 1 / max(codes.size, 1)
+        rows.append({"tensor": name, "scheme": qt.scheme, "codes": int(codes.size),
+                     "entropy": entropy_bits(codes) * per_code, "rans": 8 * len(buf) * per_code,
+                     "brotli": 8 * len(brotli.compress(codes.astype(np.int8).tobytes(), quality=11)) * per_code})
+    files = {}
+    for coder in ("none", "rans"):
+        blob = serialize(tensors, config, meta, entropy_code=coder == "rans")
+        files[coder] = {name: len(c) for name, c in compress_all(blob, available_compressors()).items()}
+    return {"artifact": str(path), "matrices": rows, "model_bytes": files}
+
+
+def report(result: dict) -> str:
+    lines = [f"## {result['artifact']}", "", "| matrix | scheme | codes | entropy | rans | brotli-11 |",
+             "|---|---|---|---|---|---|"]
+    for r in result["matrices"]:
+        lines.append(f"| {r['tensor']} | {r['scheme']} | {r['codes']:,} | {r['entropy']:.4f} | {r['rans']:.4f} | "
+                     f"{r['brotli']:.4f} |")
+    lines += ["", "| compressor | model bytes, codes as bytes | model bytes, rANS | change |", "|---|---|---|---|"]
+    none, rans = result["model_bytes"]["none"], result["model_bytes"]["rans"]
+    for name in none:
+        lines.append(f"| {name} | {none[name]:,} | {rans[name]:,} | {100 * (rans[name] / none[name] - 1):+.2f}% |")
+    lines.append(f"| smallest | {min(none.values()):,} | {min(rans.values()):,} | "
+                 f"{100 * (min(rans.values()) / min(none.values()) - 1):+.2f}% |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m tgolf.export.measure_codes", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifacts", nargs="+", type=Path, help="artifact files (model.tgz) to measure")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    args = p.parse_args(argv)
+    results = [measure(path) for path in args.artifacts]
+    print("\n\n".join(report(r) for r in results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
