@@ -133,6 +133,8 @@ def _int_tensors() -> dict[str, QuantTensor]:
     out["zeros"] = QuantTensor("int6", (4, 5), codes=torch.zeros(4, 5, dtype=torch.int8), scales=torch.ones(4, 1))
     out["tern"] = QuantTensor("ternary", (3, 7), codes=torch.randint(-1, 2, (3, 7), dtype=torch.int8),
                               scales=torch.ones(3, 1))
+    sparse = torch.randint(-1, 2, (64, 256), dtype=torch.int8) * (torch.rand(64, 256) < torch.linspace(0.1, 1, 256))
+    out["tern_sparse"] = QuantTensor("ternary", (64, 256), codes=sparse.to(torch.int8), scales=torch.ones(64, 1))
     out["f16"] = QuantTensor("fp16", (3,), data=torch.randn(3).half())
     return out
 
@@ -152,8 +154,9 @@ def test_model_file_with_rans_codes_round_trips():
     blob = serialize(tensors, {}, entropy_code=True)
     version, header, _ = _split(blob)
     packings = {e["name"]: e["packing"] for e in header["tensors"]}
+    # a ternary matrix is rANS-coded only where that is shorter than "trits": here where its zeros vary by column
     assert version == 4 and packings == {"int4": "rans", "int5": "rans", "int6": "rans", "int8": "rans",
-                                         "zeros": "rans", "tern": "trits", "f16": "none"}
+                                         "zeros": "rans", "tern": "trits", "tern_sparse": "rans", "f16": "none"}
     assert header["tensors"][2]["correction"]["up"]["packing"] == "rans"
     back = deserialize(blob)[0]
     for name, qt in tensors.items():
