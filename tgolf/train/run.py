@@ -227,10 +227,10 @@ def run(cfg: Config) -> dict[str, Any]:
             start = time.perf_counter()
             hessians = gptq_hessians(cfg, model, loader, trainer.accum, env)
             gptq_seconds = time.perf_counter() - start
-            source = ("sampled by the model at temperatures " + cfg.gptq_self_temperatures
-                      if cfg.gptq_calibration == "self" else "training")
+            source = ("tokens sampled by the model at temperatures " + cfg.gptq_self_temperatures
+                      if cfg.gptq_calibration == "self" else "training tokens")
             logger.log(f"gptq: input second moments of {len(hessians)} matrices on {cfg.gptq_tokens:,} {source} "
-                       f"tokens in {1000 * gptq_seconds:.0f}ms")
+                       f"in {1000 * gptq_seconds:.0f}ms")
             overrun = calibration_overrun(cfg, result.train_seconds, gptq_seconds)
             if overrun:
                 logger.log(overrun)
