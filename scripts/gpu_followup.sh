@@ -9,7 +9,8 @@
 # inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
 # tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; per-document LoRA TTT on the check's
 # artifact and SHARDS_DIR (lora_ttt.json); its trained weights exported again without and with low-rank corrections
-# (lowrank-*.log); a few profiled steps with depth recurrence and parallel lanes (profile-recurrence-lanes/); then,
+# (lowrank-*.log); what the entropy coder saves on those artifacts (measure_codes.json); a few profiled steps with
+# depth recurrence and parallel lanes (profile-recurrence-lanes/); then,
 # with what is left, the Triton GEMMs' tile search
 # (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
 # comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
@@ -88,6 +89,16 @@ for cell in none:0:0 embed8:0:8 matrices8:8:0; do
     skipped lowrank-$name "no trained weights from the check's training, or no shards given" lowrank-$name.log
   fi
 done
+# What the rANS coder saves on weights trained on a GPU (tgolf.export.measure_codes): the check's int8 artifact
+# and the int6 GPTQ one just exported, per matrix and for the whole file, with and without the coder.
+MEASURED=()
+for candidate in "$ARTIFACT" "$STAGE/lowrank-none.tgolf"; do [[ -f $candidate ]] && MEASURED+=("$candidate"); done
+if ((${#MEASURED[@]})); then
+  step measure-codes 90 measure-codes.log $PY -m tgolf.export.measure_codes "${MEASURED[@]}" \
+    --json "$DIR/measure_codes.json"
+else
+  skipped measure-codes "no artifact from the check's training or the low-rank exports" measure-codes.log
+fi
 # The step time of depth recurrence (layers 3-5 twice: 12 blocks run for 9) with parallel lanes in the last 3
 # layers and MuonEq-R, against the check's profile of the plain baseline (profile/profile.md).
 step profile-recurrence-lanes 60 profile-recurrence-lanes.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \

@@ -68,6 +68,11 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
     assert (none["export_lowrank_embed_rank"], embed["export_lowrank_embed_rank"]) == (0, 8)
     assert embed["model_bytes"] > none["model_bytes"] and none["val_bpb"] == embed["val_bpb"] and none["gptq_tensors"]
     assert _steps(folder)["lowrank-matrices8"] == "ok"  # the smoke model's other matrices stay fp16: nothing to add
+    # ... measures the entropy coder on the check's artifact and the int6 one
+    assert _steps(folder)["measure-codes"] == "ok", proc.stdout[-3000:]
+    measured = json.loads((folder / "measure_codes.json").read_text())
+    assert [Path(m["artifact"]).name for m in measured] == ["model.tgolf", "lowrank-none.tgolf"]
+    assert all(set(m["model_bytes"]) == {"none", "rans"} for m in measured)
     # ... and profiles a few steps of depth recurrence with parallel lanes
     assert _steps(folder)["profile-recurrence-lanes"] == "ok", proc.stdout[-3000:]
     assert json.loads((folder / "profile-recurrence-lanes" / "profile.json").read_text())["steps"]
