@@ -217,6 +217,19 @@ def test_artifacts_with_and_without_the_coder_load_the_same_model_and_measure(tm
     (result,) = json.loads((tmp_path / "m.json").read_text())
     names = {r["tensor"] for r in result["matrices"]}
     assert "tok_emb.weight" in names and all(r["scheme"] == "int6" for r in result["matrices"])
-    assert all(0 < r["entropy"] < 6 and r["rans"] > 0 and r["brotli"] > 0 for r in result["matrices"])
+    assert all(0 < r["entropy"] < 6 and r["rans"] > 0 and r["without"] > 0 for r in result["matrices"])
     assert set(result["model_bytes"]) == {"none", "rans"}
     assert "| smallest |" in capsys.readouterr().out
+
+
+def test_measure_codes_on_a_ternary_model(tmp_path):
+    from tests.test_export import SMALL, random_gpt, tiny_config
+    from tgolf.export.artifact import write_artifact
+    from tgolf.export.measure_codes import measure
+
+    write_artifact(tmp_path / "t.tgz", random_gpt(linear="ternary"), tiny_config(linear="ternary"), "int8",
+                   small_numel=SMALL)
+    rows = {r["tensor"]: r for r in measure(tmp_path / "t.tgz")["matrices"]}
+    ternary = [r for r in rows.values() if r["scheme"] == "ternary"]
+    assert ternary and rows["tok_emb.weight"]["scheme"] == "int8"
+    assert all(1.58 < r["without"] < 1.6 for r in ternary)  # "trits": 959 codes in 190 bytes, and a partial block

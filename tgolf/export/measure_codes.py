@@ -2,9 +2,10 @@
 
     python -m tgolf.export.measure_codes runs/my_run/model.tgz [more artifacts ...]
 
-For each artifact: per int matrix, bits a code for the codes' order-0 entropy (the floor of any coder that sees
-codes one at a time), for the "rans" buffer and for brotli-11 over the codes as bytes; then the whole model file
-compressed by each general compressor, its codes stored as bytes ("none") and rANS-coded ("rans"), which is the
+For each artifact: per quantized matrix, bits a code for the codes' order-0 entropy (the floor of any coder that
+sees codes one at a time, without groups), for the "rans" buffer, and for the codes without it: brotli-11 over
+them as bytes for an int matrix, the "trits" packing (which no compressor shrinks) for a ternary one; then the
+whole model file compressed by each general compressor, without ("none") and with ("rans") the coder, which is the
 comparison an export makes. The artifact is read, never written.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from tgolf.export.artifact import read_artifact
 from tgolf.export.compress import available_compressors, compress_all
 from tgolf.export.format import serialize
+from tgolf.export.packing import packed_trits_length
 from tgolf.export.quantize import QuantTensor
 from tgolf.export.rans import rans_encode
 
@@ -28,22 +30,29 @@ def entropy_bits(codes: np.ndarray) -> float:
     return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
-def int_parts(tensors: dict[str, QuantTensor]) -> dict[str, QuantTensor]:
-    """Every int matrix, the parts of low-rank corrections included, by name."""
+def quantized_parts(tensors: dict[str, QuantTensor]) -> dict[str, QuantTensor]:
+    """Every matrix with codes, the parts of low-rank corrections included, by name."""
     parts = {}
     for name, qt in tensors.items():
         for suffix, part in (("", qt), *zip((" correction up", " correction down"), qt.correction or ())):
-            if part.codes is not None and part.scheme != "ternary":
+            if part.codes is not None:
                 parts[name + suffix] = part
     return parts
 
 
-def measure(path: Path) -> dict:
-    """Per-matrix and whole-file figures for one artifact (see the module docstring)."""
+def bytes_without_rans(qt: QuantTensor) -> int:
+    """What the codes take without the coder: "trits" for ternary, else brotli-11 over the int8 bytes."""
     import brotli
 
+    if qt.scheme == "ternary":
+        return packed_trits_length(qt.numel)
+    return len(brotli.compress(qt.codes.numpy().astype(np.int8).tobytes(), quality=11))
+
+
+def measure(path: Path) -> dict:
+    """Per-matrix and whole-file figures for one artifact (see the module docstring)."""
     tensors, config, meta = read_artifact(path)
-    parts = int_parts(tensors)
+    parts = quantized_parts(tensors)
     buffers = rans_encode([qt.codes.numpy() for qt in parts.values()])
     rows = []
     for (name, qt), buf in zip(parts.items(), buffers):
@@ -51,7 +60,7 @@ def measure(path: Path) -> dict:
         per_code = 1 / max(codes.size, 1)
         rows.append({"tensor": name, "scheme": qt.scheme, "codes": int(codes.size),
                      "entropy": entropy_bits(codes) * per_code, "rans": 8 * len(buf) * per_code,
-                     "brotli": 8 * len(brotli.compress(codes.astype(np.int8).tobytes(), quality=11)) * per_code})
+                     "without": 8 * bytes_without_rans(qt) * per_code})
     files = {}
     for coder in ("none", "rans"):
         blob = serialize(tensors, config, meta, entropy_code=coder == "rans")
@@ -60,11 +69,11 @@ def measure(path: Path) -> dict:
 
 
 def report(result: dict) -> str:
-    lines = [f"## {result['artifact']}", "", "| matrix | scheme | codes | entropy | rans | brotli-11 |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"## {result['artifact']}", "", "bits a code:", "",
+             "| matrix | scheme | codes | entropy | rans | without (brotli-11, or trits) |", "|---|---|---|---|---|---|"]
     for r in result["matrices"]:
         lines.append(f"| {r['tensor']} | {r['scheme']} | {r['codes']:,} | {r['entropy']:.4f} | {r['rans']:.4f} | "
-                     f"{r['brotli']:.4f} |")
+                     f"{r['without']:.4f} |")
     lines += ["", "| compressor | model bytes, codes as bytes | model bytes, rANS | change |", "|---|---|---|---|"]
     none, rans = result["model_bytes"]["none"], result["model_bytes"]["rans"]
     for name in none:
