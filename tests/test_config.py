@@ -85,3 +85,12 @@ def test_gptq_follows_the_linear_family():
     Config(linear="fp8-row", gptq_tokens=512).validate()
     with pytest.raises(ValueError, match="gptq_tokens"):
         Config(linear="qat6-g64", gptq_tokens=512).validate()
+
+
+def test_export_fill_needs_a_starting_k_and_no_fit():
+    Config(export_fill=True, export_clip_sigmas=12.85).validate()
+    for fields in (dict(export_fill=True), dict(export_fill=True, export_clip_sigmas=12.85, export_fit=True)):
+        with pytest.raises(ValueError, match="export_fill needs export_clip_sigmas > 0.*export_fit off"):
+            Config(**fields).validate()
+    with pytest.raises(ValueError, match="export_entropy_coder='zip'"):
+        Config(export_entropy_coder="zip").validate()

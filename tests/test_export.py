@@ -164,6 +164,38 @@ def test_fit_steps_only_the_parts_that_have_rounded_matrices(tmp_path):
         f"export fit: int6 matrices with int{b} MLP" for b in (6, 5, 4)]
 
 
+def _filled(tmp_path, limit: int, lines: list[str], sigmas: float = 12.0):
+    from tgolf.export.fill import write_filling_artifact
+
+    model = random_gpt()
+    return write_filling_artifact(tmp_path / "m.tgz", model, tiny_config(), scheme="int6",
+                                  schemes=part_schemes(model, "int8", ""), sigmas=sigmas, embed_sigmas=20.0,
+                                  limit=limit, code_bytes=100, log=lines.append, compressor="zlib",
+                                  small_numel=SMALL, code=CodeBytes(total=0, files=()))
+
+
+def test_fill_finds_the_sdclip_k_that_fills_the_limit(tmp_path):
+    from tgolf.export.quantize import part_clip_sigmas
+
+    model = random_gpt()
+    base = write_artifact(tmp_path / "k12.tgz", model, tiny_config(), "int6", compressor="zlib", small_numel=SMALL,
+                          schemes=part_schemes(model, "int8", ""), code=CodeBytes(total=0, files=()),
+                          clip_sigmas=part_clip_sigmas(model, 12.0, 20.0, SMALL)).model_bytes
+    for target in (0.97, 1.03):  # a limit under what K = 12 takes (a coarser K fits it), and one over (a finer K)
+        limit, lines = int(base * target) + 100, []
+        info, k = _filled(tmp_path / str(target), limit, lines)
+        total = info.model_bytes + 100
+        assert limit * 0.99 <= total <= limit and (k < 12.0) == (target > 1), lines
+        assert lines[0].startswith(f"export fill: matrices' SDClip K=12 gives {base:,} B") and len(lines) <= 4
+        tensors, _, meta = read_artifact(tmp_path / str(target) / "m.tgz")
+        assert meta["clip_sigmas"]["blocks.0.mlp.fc.weight"] == k and meta["clip_sigmas"]["tok_emb.weight"] == 20.0
+        assert tensors["tok_emb.weight"].scheme == "int8"
+        assert sorted(p.name for p in (tmp_path / str(target)).iterdir()) == ["m.tgz"]  # no attempt left behind
+    with pytest.raises(BudgetExceeded, match="even SDClip K=48"):
+        _filled(tmp_path / "small", 2000, [])
+    assert not list((tmp_path / "small").iterdir())
+
+
 def _row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (dequantize_weight(codes, scales) - w).square().sum(1)
 

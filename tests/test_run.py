@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tgolf.export.artifact import read_artifact
 from tgolf.train.__main__ import main
 
 TINY_FLAGS = ["--preset", "smoke", "--num-layers", "2", "--model-dim", "32", "--num-heads", "2", "--num-kv-heads", "1",
@@ -81,6 +82,19 @@ def test_export_fit_that_cannot_fit_stops_every_rank(tmp_path, tiny_shards):
                    "--export-fit", "--max-artifact-bytes", "1000")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and proc.stderr.count("tgolf.train: export fit: ") == 2, proc.stderr[-3000:]
+
+
+def test_export_fill_runs_in_the_run(tmp_path, tiny_shards, capsys):
+    # the MLP matrices (640 x 128) are rounded; with room to spare, fill takes their K down to the end of its
+    # range (a quarter of the start): the finest grid the search allows
+    assert main(_flags(tiny_shards, tmp_path, "--run-id", "fill", "--model-dim", "128", "--num-heads", "4",
+                       "--num-kv-heads", "2", "--mlp-mult", "5", "--export-scheme", "int6", "--export-clip-sigmas",
+                       "12", "--export-fill")) == 0
+    out = capsys.readouterr().out
+    assert out.count("export fill: matrices' SDClip K=") == 2 and "export fill: matrices' SDClip K=3 gives" in out
+    _, _, meta = read_artifact(tmp_path / "fill" / "model.tgolf")
+    assert meta["clip_sigmas"] == {"blocks.0.mlp.fc.weight": 3.0, "blocks.0.mlp.proj.weight": 3.0,
+                                   "blocks.1.mlp.fc.weight": 3.0, "blocks.1.mlp.proj.weight": 3.0}
 
 
 def test_bad_flag_value_is_a_clear_error(tmp_path, capsys):

@@ -168,6 +168,7 @@ class Config:
     gptq_self_seq_len: int = 512  # self: tokens per sampled sequence (each starts at BOS)
     gptq_self_temperatures: str = "0.8"  # self: sampling temperatures, the sequences split evenly, e.g. "0.5,1.5"
     export_fit: bool = False  # over max_artifact_bytes: retry with fewer bits (MLP first, not the embedding) to int4
+    export_fill: bool = False  # search the matrices' SDClip K (export_clip_sigmas is the start) to fill the limit
     export_clip_search: bool = False  # per row, the clip quantile (of 5) with the least round-trip error ("GPTQ-lite")
     export_clip_sigmas: float = 0.0  # >0: SDClip, the matrices' row scales = this many stds / qmax, uncapped
     export_embed_clip_sigmas: float = 0.0  # the same for the embedding (and an untied head)
@@ -329,6 +330,9 @@ class Config:
                      "export_embed_clip_sigmas"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config field {name}={getattr(self, name)}: must be >= 0")
+        if self.export_fill and (self.export_clip_sigmas <= 0 or self.export_fit):
+            raise ValueError("config field export_fill needs export_clip_sigmas > 0 (the SDClip K it starts from) "
+                             "and export_fit off (fill searches K, fit steps bits: one of the two)")
         if self.gptq_tokens and linear_family not in ("bf16", "fp8"):
             raise ValueError(f"config field gptq_tokens={self.gptq_tokens} needs linear=bf16 or fp8: GPTQ calibrates "
                              f"on a dense copy of the model, and linear={self.linear} layers export the codes they "

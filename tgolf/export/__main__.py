@@ -29,7 +29,8 @@ import torch
 
 from tgolf.config import add_config_arguments, env_overrides
 
-EXPORT_FIELDS = ["export_scheme", "export_embed_scheme", "export_mlp_scheme", "export_fit", "export_clip_search",
+EXPORT_FIELDS = ["export_scheme", "export_embed_scheme", "export_mlp_scheme", "export_fit", "export_fill",
+                 "export_clip_search",
                  "export_clip_sigmas", "export_embed_clip_sigmas",
                  "export_lowrank_rank", "export_lowrank_embed_rank", "export_lowrank_scheme",
                  "export_entropy_coder", "gptq_tokens",

@@ -103,7 +103,8 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
            fit_code_bytes: int | None = None) -> tuple[Any, tuple[str, str]]:
     """The artifact (its code bytes are counted later, once the roundtrip has imported everything), and the
     schemes of the matrices and the MLP matrices it has: the configured ones, or with ``export_fit`` the first
-    of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's code, estimated)."""
+    of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's code, estimated). With
+    ``export_fill`` the matrices' SDClip K is the one that fills the limit best beside that code."""
     from tgolf.export import CodeBytes, write_artifact
     from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_clip_sigmas, part_lowrank_ranks, part_schemes
 
@@ -113,13 +114,22 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
                    lowrank_scheme=cfg.export_lowrank_scheme,
                    clip_sigmas=part_clip_sigmas(model, cfg.export_clip_sigmas, cfg.export_embed_clip_sigmas),
                    entropy_coder=cfg.export_entropy_coder)
-    if not cfg.export_fit:
-        info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True,
-                              schemes=part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme), **options)
+    schemes = part_schemes(model, cfg.export_embed_scheme, cfg.export_mlp_scheme)
+    if not (cfg.export_fit or cfg.export_fill):
+        info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True, schemes=schemes,
+                              **options)
+        return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
+    code = estimated_code_bytes(cfg) if fit_code_bytes is None else fit_code_bytes
+    if cfg.export_fill:
+        from tgolf.export.fill import write_filling_artifact
+
+        del options["clip_sigmas"]  # fill chooses the matrices' K
+        info, _ = write_filling_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, schemes=schemes,
+                                         sigmas=cfg.export_clip_sigmas, embed_sigmas=cfg.export_embed_clip_sigmas,
+                                         limit=cfg.max_artifact_bytes, code_bytes=code, log=logger.log, **options)
         return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
     from tgolf.export.fit import write_fitting_artifact
 
-    code = estimated_code_bytes(cfg) if fit_code_bytes is None else fit_code_bytes
     info, other, mlp = write_fitting_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                               mlp_scheme=cfg.export_mlp_scheme, embed_scheme=cfg.export_embed_scheme,
                                               limit=cfg.max_artifact_bytes, code_bytes=code, log=logger.log, **options)
@@ -135,6 +145,8 @@ def estimated_code_bytes(cfg: Config) -> int:
         import tgolf.export.lowrank  # noqa: F401
     if cfg.export_entropy_coder == "rans":
         import tgolf.export.rans  # noqa: F401
+    if cfg.export_fill:
+        import tgolf.export.fill  # noqa: F401
     if cfg.ttt_enabled:
         import tgolf.eval.ttt  # noqa: F401
         if cfg.ttt_mode == "lora":
