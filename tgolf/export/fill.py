@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
+import torch
 import torch.nn as nn
 
 from tgolf.export.artifact import ArtifactInfo, BudgetExceeded, write_artifact
@@ -29,30 +29,31 @@ MAX_WRITES = 4
 K_FACTORS = (0.25, 4.0)  # the search range, as factors of the configured K
 
 
-def _entropy_bits(codes: np.ndarray) -> float:
-    counts = np.bincount(codes.reshape(-1) - codes.min())
+def _entropy_bits(codes: torch.Tensor) -> float:
+    counts = torch.bincount((codes.reshape(-1).long() - int(codes.min()))).double()
     counts = counts[counts > 0]
-    return float(-(counts * np.log2(counts / counts.sum())).sum())
+    return float(-(counts * torch.log2(counts / counts.sum())).sum())
 
 
 class BitsAtK:
-    """Order-0 entropy, in bits, of the filled matrices' round-to-nearest SDClip codes at any K."""
+    """Order-0 entropy, in bits, of the filled matrices' round-to-nearest SDClip codes at any K (computed where
+    the weights are: on the GPU after a GPU run)."""
 
     def __init__(self, model: nn.Module, names: list[str], bits: dict[str, int]):
         state = unwrap_model(model).state_dict()
-        self.weights = {name: state[name].detach().float().cpu() for name in names}
+        self.weights = {name: state[name].detach().float() for name in names}
         self.bits = bits
         self._cache: dict[float, float] = {}
 
     def __call__(self, k: float) -> float:
         if k not in self._cache:
-            self._cache[k] = sum(_entropy_bits(quantize_rows(w, self.bits[name], None, clip_sigmas=k)[0].numpy())
+            self._cache[k] = sum(_entropy_bits(quantize_rows(w, self.bits[name], None, clip_sigmas=k)[0])
                                  for name, w in self.weights.items())
         return self._cache[k]
 
 
 def solve_k(bits_at: Callable[[float], float], anchor_k: float, anchor_bytes: int, goal: int, low: float,
-            high: float, steps: int = 30) -> float:
+            high: float, steps: int = 14) -> float:
     """The K in [low, high] whose predicted bytes (``anchor_bytes`` plus the entropy change from ``anchor_k``)
     are the closest to ``goal`` without passing it: bisection on log K (fewer bytes as K grows)."""
     base = bits_at(anchor_k)
