@@ -164,14 +164,14 @@ def test_fit_steps_only_the_parts_that_have_rounded_matrices(tmp_path):
         f"export fit: int6 matrices with int{b} MLP" for b in (6, 5, 4)]
 
 
-def _filled(tmp_path, limit: int, lines: list[str], sigmas: float = 12.0):
+def _filled(tmp_path, limit: int, lines: list[str], sigmas: float = 12.0, small_numel: int = SMALL):
     from tgolf.export.fill import write_filling_artifact
 
     model = random_gpt()
     return write_filling_artifact(tmp_path / "m.tgz", model, tiny_config(), scheme="int6",
                                   schemes=part_schemes(model, "int8", ""), sigmas=sigmas, embed_sigmas=20.0,
                                   limit=limit, code_bytes=100, log=lines.append, compressor="zlib",
-                                  small_numel=SMALL, code=CodeBytes(total=0, files=()))
+                                  small_numel=small_numel, code=CodeBytes(total=0, files=()))
 
 
 def test_fill_finds_the_sdclip_k_that_fills_the_limit(tmp_path):
@@ -194,6 +194,10 @@ def test_fill_finds_the_sdclip_k_that_fills_the_limit(tmp_path):
     with pytest.raises(BudgetExceeded, match="even SDClip K=48"):
         _filled(tmp_path / "small", 2000, [])
     assert not list((tmp_path / "small").iterdir())
+    lines = []  # every matrix small enough to stay float: one write, and the error says there is nothing to raise
+    with pytest.raises(BudgetExceeded, match="no matrix but the embedding has an SDClip K"):
+        _filled(tmp_path / "float", 2000, lines, small_numel=10**9)
+    assert len(lines) == 1
 
 
 def _row_errors(w: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,7 @@ class Config:
     export_lowrank_rank: int = 0  # rank of a correction of each non-embedding int matrix's rounding error; 0: none
     export_lowrank_embed_rank: int = 0  # the same for the embedding (and an untied head): where it paid on a CPU
     export_lowrank_scheme: str = "int4"  # bits of that correction's two factors (the best record: int4)
-    export_entropy_coder: str = "rans"  # the int codes: rANS with each matrix's histogram | none: bytes for compressor
+    export_entropy_coder: str = "rans"  # the codes: rANS, histograms per row and column group | none: plain bytes
     save_trained: bool = False  # also write <run>/trained.pt (the float weights), to re-export: python -m tgolf.export
     compressor: str = "best"
     code_pack: str = "lzma"  # code bytes: lzma (one self-extracting script, as records ship theirs) | none (the files)

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import torch.nn as nn
 
 import tgolf
-from tgolf.config import Config
+from tgolf.config import ENTROPY_CODERS, Config
 from tgolf.export.codebytes import CodeBytes, count_code_bytes
 from tgolf.export.compress import compress, decompress
 from tgolf.export.format import deserialize, serialize
@@ -79,13 +79,13 @@ def write_artifact(path: str | os.PathLike, model: nn.Module, config: Any, schem
     packed as the config's ``code_pack`` says (call this in the process that trained). ``hessians`` turns on
     GPTQ for those matrices, ``schemes`` gives some matrices their own bits, ``clip_search`` searches each
     row's clip, ``clip_sigmas`` gives some matrices SDClip's scales and ``lowrank_ranks`` adds low-rank
-    corrections of some rounding errors (see quantize_model). ``entropy_coder="rans"`` stores the int codes
-    rANS-coded with each matrix's own code histogram (tgolf.export.rans), "none" as bytes for the compressor.
+    corrections of some rounding errors (see quantize_model). ``entropy_coder="rans"`` stores the codes
+    rANS-coded with histograms of each matrix's own codes (tgolf.export.rans), "none" as bytes for the compressor.
     The artifact is decompressed and compared before it is kept.
     """
     path = Path(path)
-    if entropy_coder not in ("rans", "none"):
-        raise ValueError(f"entropy_coder={entropy_coder!r}: expected 'rans' or 'none'")
+    if entropy_coder not in ENTROPY_CODERS:
+        raise ValueError(f"entropy_coder={entropy_coder!r}: expected one of {ENTROPY_CODERS}")
     if path.exists() and not overwrite:
         raise FileExistsError(f"artifact {path} already exists; pass overwrite=True to replace it")
     qtensors = quantize_model(model, scheme, small_numel=small_numel, small_dtype=small_dtype,

@@ -110,7 +110,9 @@ def write_filling_artifact(path: str | os.PathLike, model: nn.Module, config: An
                 break
             k = nxt
         if best is None:
-            raise BudgetExceeded(f"export fill: even SDClip K={k:.4g} for the matrices gives {total:,} bytes, over "
+            raise BudgetExceeded(f"export fill: {total:,} bytes, over the {limit:,}-byte limit, and no matrix but the "
+                                 "embedding has an SDClip K to raise" if not filled else
+                                 f"export fill: even SDClip K={k:.4g} for the matrices gives {total:,} bytes, over "
                                  f"the {limit:,}-byte limit")
         total, k, candidate, info = best
         os.replace(candidate, path)
