@@ -165,8 +165,8 @@ def test_run_with_gptq_calibrates_the_dense_matrices(tmp_path, tiny_shards, monk
     assert main(_flags(tiny_shards, tmp_path, "--run-id", "g", "--iterations", "3", "--val-tokens-limit", "512",
                        "--model-dim", "128", "--num-heads", "4", "--num-kv-heads", "2", "--mlp-mult", "5", "--mlp", "fused",
                        "--export-scheme", "int5", "--export-embed-scheme", "int8", *calibration)) == 0
-    source = "sampled by the model at temperatures 0.5,1.5" if "self" in calibration else "training"
-    assert f"matrices on {int(calibration[1]):,} {source} tokens in" in capsys.readouterr().out
+    source = "tokens sampled by the model at temperatures 0.5,1.5" if "self" in calibration else "training tokens"
+    assert f"matrices on {int(calibration[1]):,} {source} in" in capsys.readouterr().out
     summary = json.loads((tmp_path / "g" / "summary.json").read_text())
     # the MLPs' fc and proj (640 x 128), the only linears over 65,536 elements, and the tied embedding (1024 x 128)
     assert summary["gptq_tensors"] == 5
