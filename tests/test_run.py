@@ -92,6 +92,7 @@ def test_export_fill_runs_in_the_run(tmp_path, tiny_shards, capsys):
                        "12", "--export-fill")) == 0
     out = capsys.readouterr().out
     assert out.count("export fill: matrices' SDClip K=") == 2 and "export fill: matrices' SDClip K=3 gives" in out
+    assert json.loads((tmp_path / "fill" / "summary.json").read_text())["export_clip_sigmas"] == 3.0
     _, _, meta = read_artifact(tmp_path / "fill" / "model.tgolf")
     assert meta["clip_sigmas"] == {"blocks.0.mlp.fc.weight": 3.0, "blocks.0.mlp.proj.weight": 3.0,
                                    "blocks.1.mlp.fc.weight": 3.0, "blocks.1.mlp.proj.weight": 3.0}

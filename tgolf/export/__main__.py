@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                   if config.gptq_calibration == "train" else None)
         hessians = gptq_hessians(config, model, loader, grad_accum_steps(config, 1), dist_env)
     try:
-        info, (scheme, mlp_scheme) = export(config, model, out, hessians, logger, fit_code_bytes=code_bytes)
+        info, (scheme, mlp_scheme, clip_sigmas) = export(config, model, out, hessians, logger,
+                                                         fit_code_bytes=code_bytes)
     except BudgetExceeded as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 4
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               "artifact_bytes": info.artifact_bytes, "limit": config.max_artifact_bytes,
               "fits": info.artifact_bytes <= config.max_artifact_bytes, "compressor": info.compressor,
               "entropy_coder": info.entropy_coder,
-              "export_scheme": scheme, "export_mlp_scheme": mlp_scheme,
+              "export_scheme": scheme, "export_mlp_scheme": mlp_scheme, "export_clip_sigmas": clip_sigmas,
               "export_embed_scheme": config.export_embed_scheme or config.export_scheme,
               "gptq_tensors": len(hessians or {}), "export_lowrank_rank": config.export_lowrank_rank,
               "export_lowrank_embed_rank": config.export_lowrank_embed_rank,

@@ -100,11 +100,11 @@ def calibration_overrun(cfg: Config, train_seconds: float, gptq_seconds: float) 
 
 
 def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | None, logger: RunLogger,
-           fit_code_bytes: int | None = None) -> tuple[Any, tuple[str, str]]:
+           fit_code_bytes: int | None = None) -> tuple[Any, tuple[str, str, float]]:
     """The artifact (its code bytes are counted later, once the roundtrip has imported everything), and the
-    schemes of the matrices and the MLP matrices it has: the configured ones, or with ``export_fit`` the first
-    of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's code, estimated). With
-    ``export_fill`` the matrices' SDClip K is the one that fills the limit best beside that code."""
+    schemes of the matrices and the MLP matrices it has and their SDClip K: the configured ones, or with
+    ``export_fit`` the first of fewer bits that fit beside ``fit_code_bytes`` of code (default: this process's
+    code, estimated), or with ``export_fill`` the K that fills the limit best beside that code."""
     from tgolf.export import CodeBytes, write_artifact
     from tgolf.export.quantize import CLIP_SEARCH_QUANTILES, part_clip_sigmas, part_lowrank_ranks, part_schemes
 
@@ -118,22 +118,22 @@ def export(cfg: Config, model: torch.nn.Module, path: Path, hessians: dict | Non
     if not (cfg.export_fit or cfg.export_fill):
         info = write_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, overwrite=True, schemes=schemes,
                               **options)
-        return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
+        return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme, cfg.export_clip_sigmas)
     code = estimated_code_bytes(cfg) if fit_code_bytes is None else fit_code_bytes
     if cfg.export_fill:
         from tgolf.export.fill import write_filling_artifact
 
         del options["clip_sigmas"]  # fill chooses the matrices' K
-        info, _ = write_filling_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, schemes=schemes,
+        info, k = write_filling_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme, schemes=schemes,
                                          sigmas=cfg.export_clip_sigmas, embed_sigmas=cfg.export_embed_clip_sigmas,
                                          limit=cfg.max_artifact_bytes, code_bytes=code, log=logger.log, **options)
-        return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme)
+        return info, (cfg.export_scheme, cfg.export_mlp_scheme or cfg.export_scheme, k)
     from tgolf.export.fit import write_fitting_artifact
 
     info, other, mlp = write_fitting_artifact(path, model, cfg.to_dict(), scheme=cfg.export_scheme,
                                               mlp_scheme=cfg.export_mlp_scheme, embed_scheme=cfg.export_embed_scheme,
                                               limit=cfg.max_artifact_bytes, code_bytes=code, log=logger.log, **options)
-    return info, (other, mlp)
+    return info, (other, mlp, cfg.export_clip_sigmas)
 
 
 def estimated_code_bytes(cfg: Config) -> int:
@@ -256,7 +256,7 @@ def run(cfg: Config) -> dict[str, Any]:
         exported = distributed.broadcast_object(exported)  # the other ranks read the artifact once it is written
         if isinstance(exported, BudgetExceeded):
             raise exported
-        info, schemes = exported
+        info, (export_scheme, mlp_scheme, clip_sigmas) = exported
         roundtrip_model, _ = load_artifact(artifact_path, env.device)
         post = validate(roundtrip_model, cfg.eval_stride)
         logger.log(f"roundtrip val_loss:{post['val_loss']:.4f} val_bpb:{post['val_bpb']:.4f} "
@@ -281,7 +281,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "artifact_bytes": info.artifact_bytes, "code_bytes": info.code_bytes, "model_bytes": info.model_bytes,
             "code_pack": info.code_pack, "code_bytes_raw": info.code_bytes_raw,
             "compressor": info.compressor, "entropy_coder": info.entropy_coder,
-            "export_scheme": schemes[0], "export_mlp_scheme": schemes[1],
+            "export_scheme": export_scheme, "export_mlp_scheme": mlp_scheme, "export_clip_sigmas": clip_sigmas,
             "artifact_path": str(artifact_path),
             "gptq_tensors": len(hessians or {}), "gptq_seconds": gptq_seconds,
             "params": params, "steps": result.steps, "stopped_by": result.stopped_by,
