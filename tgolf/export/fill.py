@@ -17,22 +17,16 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import torch.nn as nn
 
 from tgolf.export.artifact import ArtifactInfo, BudgetExceeded, write_artifact
 from tgolf.export.quantize import (SMALL_NUMEL, embedding_names, int_bits, part_clip_sigmas, quantize_rows,
                                    unwrap_model)
+from tgolf.export.rans import order0_bits
 
 TOLERANCE = 0.002  # an artifact within this fraction under the limit is full enough
 MAX_WRITES = 4
 K_FACTORS = (0.25, 4.0)  # the search range, as factors of the configured K
-
-
-def _entropy_bits(codes: torch.Tensor) -> float:
-    counts = torch.bincount((codes.reshape(-1).long() - int(codes.min()))).double()
-    counts = counts[counts > 0]
-    return float(-(counts * torch.log2(counts / counts.sum())).sum())
 
 
 class BitsAtK:
@@ -47,7 +41,7 @@ class BitsAtK:
 
     def __call__(self, k: float) -> float:
         if k not in self._cache:
-            self._cache[k] = sum(_entropy_bits(quantize_rows(w, self.bits[name], None, clip_sigmas=k)[0])
+            self._cache[k] = sum(order0_bits(quantize_rows(w, self.bits[name], None, clip_sigmas=k)[0])
                                  for name, w in self.weights.items())
         return self._cache[k]
 

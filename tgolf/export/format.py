@@ -115,9 +115,14 @@ def _readable_packings(scheme: str, version: int) -> tuple[str, ...]:
     return written + (("rans",) if version >= 4 else ())
 
 
-def _with_corrections(tensors: Mapping[str, QuantTensor]) -> list[QuantTensor]:
-    """Every tensor and, after each, the two parts of its low-rank correction."""
-    return [part for qt in tensors.values() for part in (qt, *(qt.correction or ()))]
+def quantized_parts(tensors: Mapping[str, QuantTensor]) -> dict[str, QuantTensor]:
+    """Every tensor with codes and the two parts of its low-rank correction, by the names the file gives them."""
+    parts = {}
+    for name, qt in tensors.items():
+        for suffix, part in (("", qt), *zip((" correction up", " correction down"), qt.correction or ())):
+            if part.codes is not None:
+                parts[name + suffix] = part
+    return parts
 
 
 def _rans_coded(tensors: Mapping[str, QuantTensor]) -> dict[int, bytes]:
@@ -125,7 +130,7 @@ def _rans_coded(tensors: Mapping[str, QuantTensor]) -> dict[int, bytes]:
     int tensor's, and a ternary tensor's where it is shorter than its "trits" (which no compressor shrinks)."""
     from tgolf.export.rans import rans_encode
 
-    parts = [qt for qt in _with_corrections(tensors) if qt.codes is not None]
+    parts = list(quantized_parts(tensors).values())
     return {id(qt): buf for qt, buf in zip(parts, rans_encode([qt.codes.numpy() for qt in parts]))
             if qt.scheme != "ternary" or len(buf) < packed_trits_length(qt.numel)}
 

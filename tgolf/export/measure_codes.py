@@ -14,30 +14,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from tgolf.export.artifact import read_artifact
 from tgolf.export.compress import available_compressors, compress_all
-from tgolf.export.format import serialize
+from tgolf.export.format import quantized_parts, serialize
 from tgolf.export.packing import packed_trits_length
 from tgolf.export.quantize import QuantTensor
-from tgolf.export.rans import rans_encode
-
-
-def entropy_bits(codes: np.ndarray) -> float:
-    """Order-0 entropy of the codes, in bits (all of them, not a code)."""
-    counts = np.unique(codes, return_counts=True)[1]
-    return float(-(counts * np.log2(counts / counts.sum())).sum())
-
-
-def quantized_parts(tensors: dict[str, QuantTensor]) -> dict[str, QuantTensor]:
-    """Every matrix with codes, the parts of low-rank corrections included, by name."""
-    parts = {}
-    for name, qt in tensors.items():
-        for suffix, part in (("", qt), *zip((" correction up", " correction down"), qt.correction or ())):
-            if part.codes is not None:
-                parts[name + suffix] = part
-    return parts
+from tgolf.export.rans import order0_bits, rans_encode
 
 
 def bytes_without_rans(qt: QuantTensor) -> int:
@@ -46,7 +28,7 @@ def bytes_without_rans(qt: QuantTensor) -> int:
 
     if qt.scheme == "ternary":
         return packed_trits_length(qt.numel)
-    return len(brotli.compress(qt.codes.numpy().astype(np.int8).tobytes(), quality=11))
+    return len(brotli.compress(qt.codes.numpy().tobytes(), quality=11))  # int8 codes, one byte each
 
 
 def measure(path: Path) -> dict:
@@ -56,10 +38,9 @@ def measure(path: Path) -> dict:
     buffers = rans_encode([qt.codes.numpy() for qt in parts.values()])
     rows = []
     for (name, qt), buf in zip(parts.items(), buffers):
-        codes = qt.codes.numpy().reshape(-1)
-        per_code = 1 / max(codes.size, 1)
-        rows.append({"tensor": name, "scheme": qt.scheme, "codes": int(codes.size),
-                     "entropy": entropy_bits(codes) * per_code, "rans": 8 * len(buf) * per_code,
+        per_code = 1 / max(qt.numel, 1)
+        rows.append({"tensor": name, "scheme": qt.scheme, "codes": qt.numel,
+                     "entropy": order0_bits(qt.codes) * per_code, "rans": 8 * len(buf) * per_code,
                      "without": 8 * bytes_without_rans(qt) * per_code})
     files = {}
     for coder in ("none", "rans"):

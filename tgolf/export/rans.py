@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
 
 PROB_BITS = 16
 PROB_SCALE = 1 << PROB_BITS
@@ -55,6 +56,16 @@ class RansError(ValueError):
     def __init__(self, stream: int, message: str):
         super().__init__(message)
         self.stream = stream
+
+
+def order0_bits(codes: torch.Tensor) -> float:
+    """The codes' order-0 entropy in bits (all of them): the floor of a coder that sees codes one at a time with
+    one histogram, computed where the codes are."""
+    if not codes.numel():
+        return 0.0
+    counts = torch.bincount(codes.reshape(-1).long() - int(codes.min())).double()
+    counts = counts[counts > 0]
+    return float(-(counts * torch.log2(counts / counts.sum())).sum())
 
 
 def lanes_for(n: int) -> int:
@@ -113,8 +124,7 @@ class _Model:
         return self.size > 1
 
     def contexts(self) -> np.ndarray:
-        """The table index of every code, C order."""
-        return ((self.rows[:, None] << self.col_bits) + self.cols[None, :]).reshape(-1)
+        return _contexts(self.rows, self.cols, self.col_bits)
 
     def header(self) -> bytes:
         head = _HEAD.pack(self.low, self.size - 1, self.row_bits, self.col_bits)
@@ -124,16 +134,22 @@ class _Model:
                 + self.freqs.astype("<u2").tobytes())
 
 
-def _estimated_bits(codes: np.ndarray, rows: np.ndarray, cols: np.ndarray, row_bits: int, col_bits: int,
-                    size: int) -> float:
-    """Bits of the codes under per-group histograms, plus the tables and the group ids."""
+def _contexts(rows: np.ndarray, cols: np.ndarray, col_bits: int) -> np.ndarray:
+    """The table index (row group, column group) of every code of the matrix, C order."""
+    return ((rows[:, None] << col_bits) + cols[None, :]).reshape(-1)
+
+
+def _group_counts(codes: np.ndarray, rows: np.ndarray, cols: np.ndarray, row_bits: int, col_bits: int,
+                  size: int) -> tuple[np.ndarray, float]:
+    """Each table's code counts [R·C, A], and the bits they cost: the codes under those histograms, plus the
+    tables and the group ids."""
     tables = 1 << (row_bits + col_bits)
-    context = ((rows[:, None] << col_bits) + cols[None, :]).reshape(-1)
+    context = _contexts(rows, cols, col_bits)
     counts = np.bincount(context * size + codes.reshape(-1), minlength=tables * size).reshape(tables, size)
     totals = counts.sum(axis=1, keepdims=True)
     nz = counts > 0
     info = -(counts[nz] * np.log2(counts[nz] / np.broadcast_to(totals, counts.shape)[nz])).sum()
-    return float(info) + 16 * size * tables + row_bits * len(rows) + col_bits * len(cols)
+    return counts, float(info) + 16 * size * tables + row_bits * len(rows) + col_bits * len(cols)
 
 
 def _model_of(codes: np.ndarray) -> _Model:
@@ -155,13 +171,10 @@ def _model_of(codes: np.ndarray) -> _Model:
         if (1 << row_bits) > n or (1 << col_bits) > k:
             continue
         rows, cols = _groups(row_mag, row_bits), _groups(col_mag, col_bits)
-        bits = _estimated_bits(shifted, rows, cols, row_bits, col_bits, size)
+        counts, bits = _group_counts(shifted, rows, cols, row_bits, col_bits, size)
         if best is None or bits < best[0]:
-            best = (bits, row_bits, col_bits, rows, cols)
-    _, row_bits, col_bits, rows, cols = best
-    tables = 1 << (row_bits + col_bits)
-    context = ((rows[:, None] << col_bits) + cols[None, :]).reshape(-1)
-    counts = np.bincount(context * size + shifted.reshape(-1), minlength=tables * size).reshape(tables, size)
+            best = (bits, row_bits, col_bits, rows, cols, counts)
+    _, row_bits, col_bits, rows, cols, counts = best
     freqs = np.stack([_normalised_frequencies(c) if c.any() else _uniform(size) for c in counts])
     return _Model(low, size, row_bits, col_bits, rows, cols, freqs)
 
