@@ -13,22 +13,23 @@
 #include <torch/library.h>
 
 #include "launchers.h"
+#include "message.h"
 
 namespace tgolf {
 namespace {
 
 void check_cuda(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dim) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == dim, name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_cuda(), message(name, " must be a CUDA tensor, got device ", t.device()));
+  TORCH_CHECK(t.scalar_type() == dtype, message(name, " must have dtype ", dtype, ", got ", t.scalar_type()));
+  TORCH_CHECK(t.dim() == dim, message(name, " must be ", dim, "-D, got shape ", t.sizes()));
 }
 
 void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name) {
-  TORCH_CHECK(a.device() == b.device(), name, " must be on ", a.device(), ", got ", b.device());
+  TORCH_CHECK(a.device() == b.device(), message(name, " must be on ", a.device(), ", got ", b.device()));
 }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "tgolf::", op, ": kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, message("tgolf::", op, ": kernel launch failed: ", cudaGetErrorString(err)));
 }
 
 template <typename T>
@@ -44,14 +45,14 @@ at::Tensor ternary_packed_mm(const at::Tensor& x_in, const at::Tensor& packed_in
   check_same_device(x_in, packed_in, "packed");
   check_same_device(x_in, scales_in, "scales");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = packed_in.size(0);
-  TORCH_CHECK(packed_in.size(1) == (K + 3) / 4, "packed must be [N, ceil(K/4)] = [", N, ", ", (K + 3) / 4,
-              "] for x of shape ", x_in.sizes(), ", got ", packed_in.sizes());
+  TORCH_CHECK(packed_in.size(1) == (K + 3) / 4, message("packed must be [N, ceil(K/4)] = [", N, ", ", (K + 3) / 4,
+              "] for x of shape ", x_in.sizes(), ", got ", packed_in.sizes()));
   TORCH_CHECK(group_size == 0 || (group_size > 0 && group_size % 64 == 0),
-              "group_size must be 0 (one scale per row) or a positive multiple of 64, got ", group_size);
+              message("group_size must be 0 (one scale per row) or a positive multiple of 64, got ", group_size));
   const int64_t G = group_size > 0 ? (K + group_size - 1) / group_size : 1;
-  TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == G, "scales must be [N, G] = [", N, ", ", G,
-              "] for group_size ", group_size, ", got ", scales_in.sizes());
-  TORCH_CHECK((M + 63) / 64 <= 65535, "x has too many rows for this kernel (M = ", M, ")");
+  TORCH_CHECK(scales_in.size(0) == N && scales_in.size(1) == G, message("scales must be [N, G] = [", N, ", ", G,
+              "] for group_size ", group_size, ", got ", scales_in.sizes()));
+  TORCH_CHECK((M + 63) / 64 <= 65535, message("x has too many rows for this kernel (M = ", M, ")"));
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, x_in.options());
 
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -71,10 +72,10 @@ at::Tensor ternary_int8_linear(const at::Tensor& x_in, const at::Tensor& codes_i
   check_same_device(x_in, codes_in, "codes");
   check_same_device(x_in, scales_in, "scales");
   const int64_t M = x_in.size(0), K = x_in.size(1), N = codes_in.size(0);
-  TORCH_CHECK(codes_in.size(1) == K, "codes must be [N, K] with K = ", K, " (x's last dimension), got ",
-              codes_in.sizes());
-  TORCH_CHECK(scales_in.size(0) == N, "scales must be [N] = [", N, "], got ", scales_in.sizes());
-  TORCH_CHECK((M + 127) / 128 <= 65535, "x has too many rows for this kernel (M = ", M, ")");
+  TORCH_CHECK(codes_in.size(1) == K, message("codes must be [N, K] with K = ", K, " (x's last dimension), got ",
+              codes_in.sizes()));
+  TORCH_CHECK(scales_in.size(0) == N, message("scales must be [N] = [", N, "], got ", scales_in.sizes()));
+  TORCH_CHECK((M + 127) / 128 <= 65535, message("x has too many rows for this kernel (M = ", M, ")"));
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, x_in.options());
 
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -97,11 +98,11 @@ at::Tensor ternary_int8_mm(const at::Tensor& xq_in, const at::Tensor& xscale_in,
   check_same_device(xq_in, codes_in, "codes");
   check_same_device(xq_in, scales_in, "scales");
   const int64_t M = xq_in.size(0), K = xq_in.size(1), N = codes_in.size(0);
-  TORCH_CHECK(xscale_in.size(0) == M, "xscale must be [M] = [", M, "], got ", xscale_in.sizes());
-  TORCH_CHECK(codes_in.size(1) == K, "codes must be [N, K] with K = ", K, " (xq's last dimension), got ",
-              codes_in.sizes());
-  TORCH_CHECK(scales_in.size(0) == N, "scales must be [N] = [", N, "], got ", scales_in.sizes());
-  TORCH_CHECK((M + 127) / 128 <= 65535, "xq has too many rows for this kernel (M = ", M, ")");
+  TORCH_CHECK(xscale_in.size(0) == M, message("xscale must be [M] = [", M, "], got ", xscale_in.sizes()));
+  TORCH_CHECK(codes_in.size(1) == K, message("codes must be [N, K] with K = ", K, " (xq's last dimension), got ",
+              codes_in.sizes()));
+  TORCH_CHECK(scales_in.size(0) == N, message("scales must be [N] = [", N, "], got ", scales_in.sizes()));
+  TORCH_CHECK((M + 127) / 128 <= 65535, message("xq has too many rows for this kernel (M = ", M, ")"));
   const auto options = xq_in.options().dtype(at::kBFloat16);
   if (M == 0 || N == 0 || K == 0) return at::zeros({M, N}, options);
 
@@ -117,21 +118,21 @@ at::Tensor ternary_int8_mm(const at::Tensor& xq_in, const at::Tensor& xscale_in,
 }
 
 at::Tensor softcap_ce_chunk(at::Tensor& logits, const at::Tensor& targets_in, double softcap, double grad_scale) {
-  TORCH_CHECK(logits.is_cuda(), "logits must be a CUDA tensor, got device ", logits.device());
+  TORCH_CHECK(logits.is_cuda(), message("logits must be a CUDA tensor, got device ", logits.device()));
   TORCH_CHECK(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat,
-              "logits must be bfloat16 or float32, got ", logits.scalar_type());
+              message("logits must be bfloat16 or float32, got ", logits.scalar_type()));
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(),
-              "logits must be a contiguous 2-D [n, V] tensor (it is overwritten in place), got shape ",
-              logits.sizes(), " strides ", logits.strides());
+              message("logits must be a contiguous 2-D [n, V] tensor (it is overwritten in place), got shape ",
+                      logits.sizes(), " strides ", logits.strides()));
   TORCH_CHECK(targets_in.dim() == 1 && targets_in.size(0) == logits.size(0),
-              "targets must be 1-D [n] with n = ", logits.size(0), ", got shape ", targets_in.sizes());
+              message("targets must be 1-D [n] with n = ", logits.size(0), ", got shape ", targets_in.sizes()));
   TORCH_CHECK(targets_in.scalar_type() == at::kLong || targets_in.scalar_type() == at::kInt,
-              "targets must be int64 or int32, got ", targets_in.scalar_type());
+              message("targets must be int64 or int32, got ", targets_in.scalar_type()));
   check_same_device(logits, targets_in, "targets");
   const int64_t n = logits.size(0), V = logits.size(1);
   at::Tensor loss = at::empty({n}, logits.options().dtype(at::kFloat));
   if (n == 0) return loss;
-  TORCH_CHECK(V > 0, "logits must have at least one column");
+  TORCH_CHECK(V > 0, message("logits must have at least one column"));
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor targets = targets_in.to(at::kLong).contiguous();
@@ -143,6 +144,12 @@ at::Tensor softcap_ce_chunk(at::Tensor& logits, const at::Tensor& targets_in, do
   return loss;
 }
 
+// Always raises, with a message that holds one of each kind of piece the checks above write: tests call it on
+// any machine (it takes no tensors) to see the messages formed and raised, see message.h for why that is in doubt.
+void message_selftest(int64_t value, c10::IntArrayRef shape, c10::ScalarType dtype, c10::Device device) {
+  TORCH_CHECK(false, message("value ", value, ", shape ", shape, ", dtype ", dtype, ", device ", device));
+}
+
 }  // namespace
 }  // namespace tgolf
 
@@ -151,6 +158,7 @@ TORCH_LIBRARY_FRAGMENT(tgolf, m) {
   m.def("ternary_int8_linear_cuda(Tensor x, Tensor codes, Tensor scales) -> Tensor");
   m.def("ternary_int8_mm_cuda(Tensor xq, Tensor xscale, Tensor codes, Tensor scales) -> Tensor");
   m.def("softcap_ce_chunk_cuda(Tensor(a!) logits, Tensor targets, float softcap, float grad_scale) -> Tensor");
+  m.def("message_selftest(int value, int[] shape, ScalarType dtype, Device device) -> ()", &tgolf::message_selftest);
 }
 
 TORCH_LIBRARY_IMPL(tgolf, CUDA, m) {

@@ -25,6 +25,7 @@
 # than the 8-minute check buys more benchmark rows; the summary reports the check's time and the extra time apart.
 # GPU_CHECK_DEVICE=cpu rehearses the whole check on a machine without a GPU (quick benchmark shapes, the smoke
 # preset, no torch.compile), so the plumbing is proven before GPU time is spent; tests/test_gpu_check.py runs it.
+# GPU_CHECK_BENCH_RESUME: see the benchmark step (default: resume from the newest committed run on this GPU model).
 # GPU_CHECK_SKIP="install memcheck" leaves out the steps named (e.g. the install where tgolf is installed already).
 # Exit status 0 when every step that ran succeeded, 1 when one failed or timed out, 2 for a bad setting.
 set -u -o pipefail
@@ -74,29 +75,48 @@ step info 20 info.txt $PY -m tgolf.info
 XDIST=()
 # One worker per core, at most 16: on the first H100 run (2026-11-27) 8 workers needed over 100 s, mostly compiling.
 [[ $DEVICE == cuda ]] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n "$(($(nproc) < 16 ? $(nproc) : 16))")
-# -v: each test's outcome is logged as it finishes, so a step cut by its limit still says what passed.
-step pytest-gpu 110 pytest.log $PY -m pytest -m gpu -v -p no:cacheprovider --durations=15 "${XDIST[@]}"
+# -v: each test's outcome is logged as it finishes, so a step cut by its limit still says what passed; each
+# failure's traceback goes to pytest_failures.txt at once (tests/_failure_log.py): on the 2026-11-28 H200 run the
+# limit (then 110 s) cut pytest at 98% and five failures came back without a word on why.
+step pytest-gpu 130 pytest.log env TGOLF_TEST_FAILURES="$DIR/pytest_failures.txt" \
+  $PY -m pytest -m gpu -v -p no:cacheprovider --durations=15 "${XDIST[@]}"
 # On the first H100 run a TORCH_CHECK thrown by the extension crashed its process (segmentation fault): when the
 # test that makes that call fails again, its backtrace under cuda-gdb says where.
 if grep -q "FAILED tests/test_csrc.py::test_cuda_ops_raise_clear_errors\[group_size" "$DIR/pytest.log" \
     && command -v cuda-gdb >/dev/null; then
   step crash-backtrace 60 crash_backtrace.log cuda-gdb -batch -ex run -ex bt --args \
     $PY -c "import sys; sys.argv = ['-c', 'group_size']; from tests.test_csrc import _BAD_CALL as call; exec(call)"
+  # The 2026-11-28 backtrace ended in libstdc++'s number formatting, found inside tgolf/_C*.so itself: how the
+  # library was linked (libstdc++ code in it, or from the shared library), for whoever takes this up next.
+  step extension-build 20 extension_build.txt bash -c 'so=$(ls tgolf/_C*.so | head -n 1); echo "$so"
+    g++ --version | head -n 1; readelf -d "$so" | grep NEEDED
+    echo "std:: functions defined in it: $(nm -C "$so" | grep -c " [TtWw] std::")"
+    nm -C "$so" | grep -m 5 "_M_insert<long>"; ldd "$so"'
 fi
 # The benchmarks get what the budget leaves once the later steps are reserved (memcheck; the training's seconds plus
-# an allowance of 150 s for its start-up, compilation, export, evaluation and report: on the first H100 run the
-# model's compilation took 61 s, and export ("best" compressor: brotli-11 took 27 s on 16 MB on a CPU machine here) with the roundtrip
-# evaluation did not finish in the 77 s that were left), but at
-# least 30 s (on a cold machine a case takes ~12 s or more: the rest come from `GPU_CHECK_UNTIL`, or a later `tgolf.bench
-# --resume`); the training keeps its 90 s.
+# an allowance of 150 s for its start-up, compilation, export, evaluation and report: on the 2026-11-27 H100 the
+# model's compilation took 61 s and export with the roundtrip evaluation did not finish in the 77 s that were left;
+# on the 2026-11-28 H200 the whole step took 204 s for 84 s of training, 63 s of it the compiled warm-up), but at
+# least 30 s (on a cold machine a case takes ~12 s or more: the rest come from `GPU_CHECK_UNTIL`, a later
+# `tgolf.bench --resume`, or the next session's check); the training keeps its 90 s.
 MEMCHECK=0
 [[ $DEVICE == cuda ]] && command -v compute-sanitizer >/dev/null && MEMCHECK=1
-if [[ -n "$DATA" ]]; then reserve=$((15 * MEMCHECK + TRAIN_SECONDS + 150 + 15)); else reserve=$((15 * MEMCHECK + 120)); fi
+reserve=$((15 * MEMCHECK + 120))
+[[ -n "$DATA" ]] && reserve=$((15 * MEMCHECK + TRAIN_SECONDS + 150 + 15))
 left=$((BUDGET - ($(date +%s) - T0) - reserve - 45))
 ((left < 30)) && left=30
 ((left < BENCH_BUDGET)) && BENCH_BUDGET=$left
+# They resume from the newest committed run on this GPU model (profiles/<date>-<this device>/bench), so that each
+# session measures cases no session has measured yet instead of the same first ones again (the 2026-11-27 H100 and
+# 2026-11-28 H200 checks each finished only the first shape of each op); kept rows say which commit measured them.
+# GPU_CHECK_BENCH_RESUME=PATH resumes from that bench.json instead, and GPU_CHECK_BENCH_RESUME= measures every case.
+RESUME=${GPU_CHECK_BENCH_RESUME-auto}
+if [[ $RESUME == auto ]]; then
+  RESUME=$(find profiles -path "profiles/*-${SLUG#*-*-*-}/bench/bench.json" 2>/dev/null | sort | tail -n 1)
+  [[ -n $RESUME ]] && log "benchmarks: resuming from $RESUME (GPU_CHECK_BENCH_RESUME= to measure every case)"
+fi
 step bench $((BENCH_BUDGET + 45)) bench.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --out "$DIR/bench" \
-  --time-budget "$BENCH_BUDGET"
+  --time-budget "$BENCH_BUDGET" ${RESUME:+--resume "$RESUME"}
 if ((MEMCHECK)); then
   step memcheck 90 memcheck.log compute-sanitizer --tool memcheck --error-exitcode 99 $PY -m tgolf._extension selftest
 else
@@ -142,9 +162,13 @@ if ((UNTIL > 0)); then
     step bench-more "$more" bench-more.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --resume "$DIR/bench" \
       --out "$DIR/bench" --time-budget $((more - 40))
   else
-    skipped bench-more "$( [[ -f $DIR/bench/bench.json ]] && echo "${more}s left" || echo "no bench.json")" bench-more.log
+    why="no bench.json"
+    [[ -f $DIR/bench/bench.json ]] && why="${more}s left"
+    skipped bench-more "$why" bench-more.log
   fi
   TOTAL="$TOTAL + $(($(date +%s) - T0 - elapsed)) (bench-more)"
 fi
 echo "$TOTAL" >"$DIR/total.txt"  # for scripts/gpu_followup.sh
-archive "$TOTAL" gpu_check env.json check.log bench/bench.md profile/profile.md
+# The artifact too (it always fits the device tool's 16 MiB a file; the archive leaves out files over 8 MB), so
+# that what needs no GPU (tgolf.export.measure_codes, re-scoring elsewhere) can be done with it back here.
+archive "$TOTAL" gpu_check env.json check.log bench/bench.md profile/profile.md train/baseline/model.tgolf

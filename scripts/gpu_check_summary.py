@@ -37,6 +37,9 @@ def _bench(folder: Path) -> tuple[str, list[str]]:
                                                         if e.get("graph_speedup") else "")
                            for n, e in r.get("anchors", {}).items() if e.get("status") == "ok" and e.get("speedup"))
         status = r["status"] if len(r["status"]) < 60 else r["status"][:57] + "..."
+        commit = (r.get("measured") or {}).get("git_commit")
+        if commit and commit != meta.get("git_commit"):  # kept by --resume from an earlier session's run
+            status += f" (commit {commit})"
         lines.append(f"| {r['op']} | {r.get('size', '')} | {r.get('mode', '')} | {status.replace('|', '/')} | "
                      f"{t.get('median_ms', 0):.3f} | {r.get('tflops') or 0:.0f} | {r.get('pct_peak_flops') or 0:.0f} | "
                      f"{ratios} |" if t else

@@ -4,17 +4,16 @@
 #
 #   scripts/gpu_followup.sh [OUT_DIR [SHARDS_DIR]]
 #
-# Within GPU_FOLLOWUP_SECONDS (default 230): the contest benchmarks the check's budget cut (`tgolf.bench --resume`
-# into the check's own bench/); where torch lacks the fix of pytorch#179423, a few profiled baseline steps with
-# inductor's mix-order reductions on (into profile-mix-order-on/: the check trained with them off, see
-# tgolf.train.loop.inductor_options), on SHARDS_DIR or random tokens; per-document LoRA TTT on the check's
+# Within GPU_FOLLOWUP_SECONDS (default 230), first what is measured once: per-document LoRA TTT on the check's
 # artifact and SHARDS_DIR (lora_ttt.json); its trained weights exported again without and with low-rank corrections
 # (lowrank-*.log); what the entropy coder saves on those artifacts (measure_codes.json); a few profiled steps with
-# depth recurrence and parallel lanes (profile-recurrence-lanes/); then,
-# with what is left, the Triton GEMMs' tile search
-# (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>) is updated in place and
-# comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with it), with summary.md,
-# bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
+# depth recurrence and parallel lanes (profile-recurrence-lanes/). Then, where torch lacks the fix of
+# pytorch#179423, a few profiled baseline steps with inductor's mix-order reductions on (profile-mix-order-on/: the
+# check trained with them off, see tgolf.train.loop.inductor_options); the contest benchmarks still missing
+# (`tgolf.bench --resume` into the check's own bench/); with what is left, the Triton GEMMs' tile search
+# (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>)
+# is updated in place and comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with
+# it), with summary.md, bench.md and tune.md beside it. The wheels the check installed stay on its PYTHONPATH.
 #
 # GPU_CHECK_DEVICE=cpu rehearses it after a CPU rehearsal of the check (tests/test_gpu_check.py).
 # Exit status 0 when every step that ran succeeded, 1 when one failed or timed out, 2 when there is no check to
@@ -52,18 +51,6 @@ log "tgolf GPU follow-up → $DIR (budget ${BUDGET}s)"
 # exit status 0: this torch lacks the cap on mix-order reductions, so the check ran with them off
 $PY -c "import sys, torch._inductor.config as c; sys.exit(hasattr(c.triton, 'mix_order_reduction_max_reads'))" \
   2>/dev/null || AB_LIMIT=0
-# The benchmarks first (what the kernel issues wait for), three quarters of what the A/B profile leaves at most; 40 s
-# of it is the margin for the case in flight when the time budget passes.
-limit=$(((BUDGET - AB_LIMIT) * 3 / 4))
-step bench-resume "$limit" bench-resume.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --resume "$DIR/bench" \
-  --out "$DIR/bench" --time-budget $((limit > 41 ? limit - 40 : 1))
-if ((AB_LIMIT > 0)); then
-  step profile-mix-order-on "$AB_LIMIT" profile-mix-order-on.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
-    $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} --mix-order-reduction on --steps 3 --warmup 2 \
-    --no-charts --out "$DIR/profile-mix-order-on"
-else
-  skipped profile-mix-order-on "torch has the fix of pytorch#179423: nothing to compare" profile-mix-order-on.log
-fi
 # Per-document LoRA TTT on the artifact the check trained: its time on a GPU and its gain over the roundtrip
 # val_bpb in the check's train/baseline/summary.json.
 ARTIFACT=$DIR/train/baseline/model.tgolf
@@ -104,6 +91,20 @@ fi
 step profile-recurrence-lanes 60 profile-recurrence-lanes.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
   $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} "${LOOP_ARGS[@]}" --muon-row-normalize \
   --steps 3 --warmup 2 --no-charts --out "$DIR/profile-recurrence-lanes"
+# The A/B profile of inductor's mix-order reductions, then the benchmark cases still missing (`tgolf.bench --resume`
+# into the check's bench/, three quarters of what is left; 40 s of it is the margin for the case in flight when the
+# time budget passes), then the tile search. They come after the quality steps above: those are measured once,
+# while the check resumes the benchmarks from the last committed run of the same GPU model in every session.
+if ((AB_LIMIT > 0)); then
+  step profile-mix-order-on "$AB_LIMIT" profile-mix-order-on.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
+    $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} --mix-order-reduction on --steps 3 --warmup 2 \
+    --no-charts --out "$DIR/profile-mix-order-on"
+else
+  skipped profile-mix-order-on "torch has the fix of pytorch#179423: nothing to compare" profile-mix-order-on.log
+fi
+limit=$(((BUDGET - ($(date +%s) - T0)) * 3 / 4))
+step bench-resume "$limit" bench-resume.log $PY -m tgolf.bench "${BENCH_ARGS[@]}" --resume "$DIR/bench" \
+  --out "$DIR/bench" --time-budget $((limit > 41 ? limit - 40 : 1))
 left=$((BUDGET - ($(date +%s) - T0) - 20))
 step tune "$left" tune.log env "${TUNE_ENV[@]}" $PY -m tgolf.bench.tune --device "$DEVICE" --out "$DIR/tune" \
   --time-budget $((left > 31 ? left - 30 : 1))

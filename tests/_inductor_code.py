@@ -33,3 +33,11 @@ def gpu_layer_after_norm(layer: Callable):
     w = torch.randn(1536, 512, device="cuda", requires_grad=True)
     out, code, kernels = compiled_run(called, layer, x, w)
     return out, layer(x, w), code, kernels
+
+
+def norm_kernel_with(kernels: list[str], *ops: str) -> bool:
+    """Whether one of inductor's fused kernels computes the RMSNorm together with ``ops`` (names of aten ops, such
+    as "amax"), judged by the kernel's name. The norm shows in it as rsqrt where F.rms_norm decomposes (the CPU
+    backend here) and as fused_rms_norm where inductor lowers aten._fused_rms_norm (CUDA: every norm kernel of the
+    2026-11-28 H200 training profile, torch 2.11, is named so)."""
+    return any(("rsqrt" in k or "fused_rms_norm" in k) and all(op in k for op in ops) for k in kernels)

@@ -16,6 +16,7 @@ if os.environ.get("TGOLF_TEST_GPU") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _failure_log import pytest_runtest_logreport  # noqa: E402,F401  (a hook: failures logged as they happen)
 
 
 def pytest_collection_modifyitems(config, items):

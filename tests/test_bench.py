@@ -170,6 +170,52 @@ def test_resume_keeps_finished_cases_and_measures_those_the_budget_cut(tmp_path,
     assert {(r["op"], r["size"]) for r in stopped["rows"]} == set(sizes) - {cut_whole, cut_anchor}
 
 
+def test_resume_runs_unreached_cases_before_those_the_budget_cut(tmp_path, monkeypatch, capsys):
+    """A case an earlier budget cut runs after every case no run has reached, and the rows kept from an older
+    commit say which commit measured them."""
+    monkeypatch.setenv("TGOLF_BACKEND", "reference")
+    first = tmp_path / "first"
+    argv = ["--device", "cpu", "--shapes", "quick", "--ops", "ternary", "--no-plots"]
+    assert bench_main([*argv, "--out", str(first)]) == 0
+    data = json.loads((first / "bench.json").read_text())
+    sizes = list(dict.fromkeys((r["op"], r["size"]) for r in data["rows"]))
+    cut, unreached = sizes[0], sizes[-1]
+    data["meta"]["git_commit"] = "0ldc0de"
+    data["rows"] = [dict(r, status="skipped: time budget", time=None, anchors={}) if (r["op"], r["size"]) == cut
+                    else r for r in data["rows"] if (r["op"], r["size"]) != unreached]
+    assert all("measured" in r for r in data["rows"])  # every row says when and at which commit it was measured
+    for row in data["rows"]:
+        del row["measured"]  # as a bench.json written before rows carried it: the run's meta stands in
+    (first / "bench.json").write_text(json.dumps(data))
+    capsys.readouterr()
+
+    assert bench_main([*argv, "--resume", str(first), "--out", str(tmp_path / "second")]) == 0
+    started = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()
+               if line.startswith("[") and not line.endswith("(kept)")]
+    assert started == [" ".join(unreached), " ".join(cut)]
+    resumed = json.loads((tmp_path / "second" / "bench.json").read_text())
+    assert list(dict.fromkeys((r["op"], r["size"]) for r in resumed["rows"])) == sizes  # the cases' own order
+    for row in resumed["rows"]:
+        kept = (row["op"], row["size"]) not in (cut, unreached)
+        assert (row["measured"]["git_commit"] == "0ldc0de") is kept
+        assert row["case_seconds"] >= 0  # each case's own time, for planning GPU sessions
+    table = (tmp_path / "second" / "bench.md").read_text()
+    assert table.count("(measured at commit 0ldc0de)") == sum(
+        (r["op"], r["size"]) not in (cut, unreached) for r in resumed["rows"])
+
+
+def test_resume_refuses_another_gpu_model(tmp_path, monkeypatch):
+    from tgolf.bench.__main__ import _resumed
+
+    (tmp_path / "bench.json").write_text(json.dumps(
+        {"meta": {"shapes": "contest", "device": "cuda", "device_name": "NVIDIA H200"}, "rows": []}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match="measured on NVIDIA H200, not on this NVIDIA H100 80GB HBM3"):
+        _resumed(tmp_path / "bench.json", "contest", torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert _resumed(tmp_path / "bench.json", "contest", torch.device("cuda")) == ({}, set())
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--resume", "{tmp}/missing"], "no such benchmark results"),
     (["--resume", "{tmp}/bad.json"], "not a tgolf bench.json"),

@@ -50,7 +50,7 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
     assert "(check) + " in summary and "(bench-more)" in summary  # the check's own time, apart
     assert json.loads((folder / "bench" / "bench.json").read_text())["meta"]["resumed_from"].endswith("bench")
     assert "## Benchmarks: quick shapes on cpu" in summary and "| train | ok |" in summary and "val_bpb" in summary
-    for name in ("bench.md", "profile.md", "env.json", "check.log"):
+    for name in ("bench.md", "profile.md", "env.json", "check.log", "model.tgolf"):  # the artifact comes back too
         assert (out / name).stat().st_size > 0, name
 
     # The profile report is built from the window of the training run itself.
@@ -93,9 +93,25 @@ def _followup(tmp_path: Path, *data: Path, **env: str) -> subprocess.CompletedPr
 
 
 def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
-    # The check first (only what the follow-up needs: its bench), then the follow-up on the same stage.
-    proc, folder, _ = _run(tmp_path, "", GPU_CHECK_SKIP="wheels install info pytest-gpu profile")
+    # An earlier session's benchmarks (one family, "measured" at another commit), which the check resumes from ...
+    earlier = tmp_path / "earlier"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-m", "tgolf.bench", "--device", "cpu", "--shapes", "quick", "--ops", "ternary",
+                    "--no-plots", "--no-compile", "--out", str(earlier)], check=True, env=env, capture_output=True,
+                   timeout=300)
+    data = json.loads((earlier / "bench.json").read_text())
+    data["meta"]["git_commit"] = "0ldc0de"
+    for row in data["rows"]:
+        row["measured"]["git_commit"] = "0ldc0de"
+    (earlier / "bench.json").write_text(json.dumps(data))
+    # ... then the check (only what the follow-up needs: its bench), then the follow-up on the same stage.
+    proc, folder, _ = _run(tmp_path, "", GPU_CHECK_SKIP="wheels install info pytest-gpu profile",
+                           GPU_CHECK_BENCH_RESUME=str(earlier / "bench.json"))
     assert _steps(folder)["bench"] == "ok", proc.stdout[-2000:]
+    checked = json.loads((folder / "bench" / "bench.json").read_text())
+    assert checked["meta"]["resumed_from"] == str(earlier / "bench.json")
+    kept = [r for r in checked["rows"] if r["measured"]["git_commit"] == "0ldc0de"]
+    assert kept and {r["family"] for r in kept} == {"ternary"} and len(kept) < len(checked["rows"])
     proc = _followup(tmp_path)
     steps = _steps(folder)
     assert proc.returncode == 0, (steps, proc.stdout[-3000:], proc.stderr[-2000:])

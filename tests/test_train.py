@@ -476,6 +476,27 @@ def test_profiled_window_records_those_steps_for_the_report(tmp_path, tiny_shard
     assert report["totals_ms"]["optimizer"] > 0 and report["totals_ms"]["gemm"] > 0
 
 
+@pytest.mark.parametrize("window", ["1:2", "3:4"])  # the window ends inside the run, and with its last step
+def test_profiler_bookkeeping_is_not_training_time(tmp_path, tiny_shards, monkeypatch, window):
+    """The profiler's start and its collection of events at the window's end are left out of the training clock.
+    The clock here jumps 1000 s whenever the profiler stops, as a slow collection would make it."""
+    import time
+
+    from tgolf.profile.window import StepWindow
+
+    jump = [0.0]
+    real_clock, real_stop = time.perf_counter, StepWindow._stop
+    monkeypatch.setattr(time, "perf_counter", lambda: real_clock() + jump[0])
+
+    def slow_stop(self):
+        real_stop(self)
+        jump[0] += 1000.0
+    monkeypatch.setattr(StepWindow, "_stop", slow_stop)
+    result = _trainer(tmp_path, tiny_shards, iterations=5, profile_steps=window).run()
+    assert jump[0] == 1000.0 and result.steps == 5
+    assert result.train_seconds < 1000.0
+
+
 def test_profiled_window_past_the_end_records_nothing(tmp_path, tiny_shards):
     from tgolf.nvtx import ranges_enabled
 

@@ -24,6 +24,10 @@ The ops (all CUDA-only, called by the op families through ``tgolf.backend.cuda_o
     with grad_scale * (softmax(z) - onehot(target)) * (1 - tanh^2(logits / softcap)). A target outside [0, V)
     gives a NaN loss.
 
+Beside them, ``message_selftest(value, shape, dtype, device)`` (no tensors, any machine) always raises the error
+message the ops' argument checks would write for those values: the tests check that messages form and raise
+where the extension was built (csrc/message.h says why that was in doubt on the GPU machines).
+
 ``tgolf._C`` imports this module when it loads (see csrc/ops.cpp), and this module imports ``tgolf._C`` unless
 its ops are already registered, so the fakes exist whichever is imported first and there is no import cycle.
 ``python -m tgolf._extension selftest`` runs one small case of each op on the GPU against the references below
@@ -127,7 +131,8 @@ def softcap_ce_chunk_reference(logits: torch.Tensor, targets: torch.Tensor, soft
 
 
 def selftest(seed: int = 0) -> None:
-    """One small, awkward-shaped case of each op on the GPU against its twin (for compute-sanitizer runs)."""
+    """One small, awkward-shaped case of each op on the GPU against its twin, and one bad call that must raise
+    (for compute-sanitizer runs)."""
     if not load():
         raise SystemExit(f"tgolf._C is not available: {load_error()}")
     if not torch.cuda.is_available():
@@ -145,6 +150,12 @@ def selftest(seed: int = 0) -> None:
         out = torch.ops.tgolf.ternary_packed_mm_cuda(x, packed, scales, group_size)
         ref = ternary_packed_mm_reference(x, packed, scales, group_size)
         _report("ternary_packed_mm_cuda", (m, n, k, group_size), out, ref, 4e-3)
+    try:  # a bad argument raises a clear error (see csrc/message.h for the crash this once was)
+        torch.ops.tgolf.ternary_packed_mm_cuda(x, packed, scales, 100)
+    except RuntimeError as err:
+        print(f"ternary_packed_mm_cuda with group_size 100 raised: {str(err).splitlines()[0]}")
+    else:
+        raise SystemExit("ternary_packed_mm_cuda accepted group_size 100")
     for m, n, k in ((3, 24, 100), (130, 136, 512)):
         x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
         codes = torch.randint(-1, 2, (n, k), device=dev, generator=gen, dtype=torch.int8)

@@ -12,7 +12,7 @@ import torch
 from tgolf.bench.core import RunOptions, run_cases
 from tgolf.bench.plots import write_plots
 from tgolf.bench.registry import FAMILIES, SHAPE_SETS, collect
-from tgolf.bench.report import finished_cases, markdown, read_json, write_json
+from tgolf.bench.report import finished_cases, markdown, measured_stamp, read_json, write_json
 from tgolf.profile.env import collect_env
 
 
@@ -38,13 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resumed(path: Path, shapes: str, device: torch.device) -> dict[tuple[str, str], list[dict]]:
-    """The finished cases of an earlier run, which must have measured the same shape set on the same device."""
+def _resumed(path: Path, shapes: str, device: torch.device) -> tuple[dict[tuple[str, str], list[dict]],
+                                                                     set[tuple[str, str]]]:
+    """The finished cases of an earlier run, which must have measured the same shape set on the same device (the
+    same GPU model), each row stamped with the commit it was measured at; and the cases its budget cut."""
     meta, rows = read_json(path)
     if (meta.get("shapes"), meta.get("device")) != (shapes, device.type):
         raise ValueError(f"{path}: measured --shapes {meta.get('shapes')} on {meta.get('device')}, "
                          f"not --shapes {shapes} on {device.type}")
-    return finished_cases(rows)
+    here = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if here is not None and meta.get("device_name") != here:
+        raise ValueError(f"{path}: measured on {meta.get('device_name')}, not on this {here}")
+    for row in rows:
+        row.setdefault("measured", measured_stamp(meta))
+    finished = finished_cases(rows)
+    return finished, {(r["op"], r.get("size", "")) for r in rows} - set(finished)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tgolf.bench: {err}", file=sys.stderr)
         return 2
     try:
-        done = _resumed(Path(args.resume), args.shapes, device) if args.resume else {}
+        done, cut = _resumed(Path(args.resume), args.shapes, device) if args.resume else ({}, set())
     except ValueError as err:
         print(f"tgolf.bench: --resume {err}", file=sys.stderr)
         return 2
@@ -79,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(rows: list[dict]) -> str:
         meta["seconds"] = round(time.monotonic() - start, 1)
+        for row in rows:
+            row.setdefault("measured", measured_stamp(meta))
         reached = {(r["op"], r.get("size", "")) for r in rows}  # a run stopped midway keeps the rest it resumed
         rows = rows + [r for key, kept in done.items() if key not in reached for r in kept]
         write_json(out / "bench.json", meta, failed + rows)
@@ -88,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save([])  # from the start: the failed families and, when resuming, the kept rows
     rows = run_cases(cases, opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True), on_rows=save,
-                     done=done)
+                     done=done, retry_last=cut)
     table = save(rows)
     if not args.no_plots:
         write_plots(failed + rows, out)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -331,21 +331,41 @@ def _anchor_entry(name: str, impl: Impl, case: BenchCase, sets: list[tuple], mod
 
 def run_cases(cases: Sequence[BenchCase], opts: RunOptions, progress: Callable[[str], None] | None = None,
               on_rows: Callable[[list[dict]], None] | None = None,
-              done: Mapping[tuple[str, str], list[dict]] | None = None) -> list[dict]:
+              done: Mapping[tuple[str, str], list[dict]] | None = None,
+              retry_last: Collection[tuple[str, str]] = ()) -> list[dict]:
     """Rows of every case, grouped by op in first-seen order (the cases may come interleaved across ops).
 
     ``on_rows`` receives the rows so far after every case, so that a run killed by a timeout leaves results.
-    ``done`` maps (op, size) to rows measured earlier (a resumed run): those cases keep them and are not run."""
-    per_op: dict[str, list[dict]] = {}
+    ``done`` maps (op, size) to rows measured earlier (a resumed run): those cases keep them and are not run.
+    ``retry_last`` names (op, size) cases that an earlier run's budget cut: they run after every case no run has
+    reached yet. On the 2026-11-28 H200 run, two resumed runs (206 s) each spent their budget re-running the same
+    cut cases first (the slowest ones, which is why they had been cut) and finished two new ones."""
     done = done or {}
+    results: dict[int, list[dict]] = {}
 
     def ordered() -> list[dict]:
+        per_op: dict[str, list[dict]] = {}
+        for i, case in enumerate(cases):
+            if i in results:
+                per_op.setdefault(case.op, []).extend(results[i])
         return [row for rows in per_op.values() for row in rows]
-    for i, case in enumerate(cases):
+    schedule = sorted(range(len(cases)), key=lambda i: (cases[i].op, cases[i].size_label) in retry_last)
+    for n, i in enumerate(schedule):
+        case = cases[i]
         earlier = done.get((case.op, case.size_label))
+        label = f"[{n + 1}/{len(cases)}] {case.op} {case.size_label}"
         if progress:
-            progress(f"[{i + 1}/{len(cases)}] {case.op} {case.size_label}" + (" (kept)" if earlier else ""))
-        per_op.setdefault(case.op, []).extend(earlier or run_case(case, opts))
+            progress(label + (" (kept)" if earlier else ""))
+        if earlier:
+            results[i] = earlier
+        else:
+            start = time.monotonic()
+            results[i] = run_case(case, opts)
+            seconds = round(time.monotonic() - start, 1)
+            for row in results[i]:
+                row["case_seconds"] = seconds  # the whole case (every mode and anchor): for planning GPU time
+            if progress:
+                progress(f"    {seconds:.1f} s")
         if on_rows:
             on_rows(ordered())
     return ordered()

@@ -36,6 +36,19 @@ def read_json(path: Path) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path}: not a tgolf bench.json ({type(exc).__name__}: {exc})") from None
 
 
+def measured_stamp(meta: dict) -> dict:
+    """When and at which commit a run measured its rows; a resumed run's kept rows carry their own."""
+    return {"date_utc": meta.get("date_utc"), "git_commit": meta.get("git_commit")}
+
+
+def _status_text(row: dict, meta: dict) -> str:
+    """The row's status, and the commit it was measured at where that is not this run's (a row kept by --resume
+    from a run of an older commit)."""
+    commit = (row.get("measured") or {}).get("git_commit")
+    older = f" (measured at commit {commit})" if commit and commit != meta.get("git_commit") else ""
+    return row["status"].replace("|", "/") + older
+
+
 def _cut_by_budget(row: dict) -> bool:
     return row["status"] == "skipped: time budget" or any(
         entry.get("status") == "skipped: time budget" for entry in row.get("anchors", {}).values())
@@ -104,7 +117,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         anchors = "; ".join(_anchor_text(n, e) for n, e in r.get("anchors", {}).items())
         err = r.get("rel_err")
         lines.append("| " + " | ".join([
-            r["op"], r.get("size", ""), r.get("dtype", ""), r.get("mode", ""), r["status"].replace("|", "/"),
+            r["op"], r.get("size", ""), r.get("dtype", ""), r.get("mode", ""), _status_text(r, meta),
             str(r.get("backend") or ""), "" if err is None else f"{err:.2e}", _time_text(r),
             _num(r.get("tflops"), ".1f"), _num(r.get("gbps"), ".0f"), _num(r.get("pct_peak_flops"), ".1f"),
             _num(r.get("pct_peak_bw"), ".1f"), anchors.replace("|", "/"),

@@ -38,6 +38,14 @@ class StepWindow:
         self.step_ms: list[float] = []
         self._prof: profile | None = None
         self._telemetry: Telemetry | None = None
+        self._overhead_s = 0.0
+
+    def take_overhead(self) -> float:
+        """Seconds the profiler's own bookkeeping took inside the steps since the last call: its start, and at the
+        window's end the collection of its events (about 5.8 s after a 3-step window of the baseline on the 2026-11-28
+        H200 run, which the training clock counted then). The training loop leaves them out of training time."""
+        seconds, self._overhead_s = self._overhead_s, 0.0
+        return seconds
 
     def _start(self) -> None:
         enable_ranges(True)
@@ -62,7 +70,9 @@ class StepWindow:
             yield
             return
         if step == first - self.warmup:
+            t0 = time.perf_counter()
             self._start()
+            self._overhead_s += time.perf_counter() - t0
         if step < first:
             yield
             self._sync()  # the first recorded step then holds only its own GPU work
@@ -74,9 +84,11 @@ class StepWindow:
                 yield
                 self._sync()  # the step's window holds all its GPU work
             self.step_ms.append(1e3 * (time.perf_counter() - t0))
+        t0 = time.perf_counter()  # the step's GPU work is done (synchronised above): what follows is bookkeeping
         self._prof.step()
         if step == last:
             self._stop()
+        self._overhead_s += time.perf_counter() - t0
 
     def finish(self, last_step: int) -> Path | None:
         """Close the window if the run ended inside it; write the trace and run.json. None if nothing was recorded."""

@@ -355,9 +355,14 @@ class Trainer:
                 # One all-reduce per step: the flags, and the slowest rank's clock, which every rank then
                 # follows. Each rank's own clock would give each its own learning rate in the time-keyed
                 # warmdown (and its own checkpoint times), and the replicas would drift apart.
-                bad, term, elapsed = distributed.max_over_ranks(
+                # The profiler's bookkeeping (the main rank's; the others wait for it in this all-reduce) is not
+                # training time: every rank moves its clock's start by it.
+                bad, term, elapsed, profiler_s = distributed.max_over_ranks(
                     [self.nonfinite is not None, sigterm.raised,
-                     self.train_seconds + time.perf_counter() - segment_start], env.device)
+                     self.train_seconds + time.perf_counter() - segment_start,
+                     self.window.take_overhead() if self.window else 0.0], env.device)
+                segment_start += profiler_s
+                elapsed -= profiler_s
                 done = self.step - start_step
                 mean_step = (elapsed - start_seconds) / done if done else 0.0
                 # predict the next step by the slower of the mean and the last one, so a slow spell does not
@@ -424,6 +429,8 @@ class Trainer:
                 raise self._nonfinite_error()
             if env.device.type == "cuda":
                 torch.cuda.synchronize()  # the queued GPU work is training time too
+            if self.window:  # the profiler's bookkeeping after the last step, if it ended the window
+                segment_start += self.window.take_overhead()
             self.train_seconds += time.perf_counter() - segment_start
         progress.close()
         tokens = (self.step - start_step) * cfg.train_batch_tokens
