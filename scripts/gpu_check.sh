@@ -108,7 +108,8 @@ left=$((BUDGET - ($(date +%s) - T0) - reserve - 45))
 ((left < BENCH_BUDGET)) && BENCH_BUDGET=$left
 # They resume from the newest committed run on this GPU model (profiles/<date>-<this device>/bench), so that each
 # session measures cases no session has measured yet instead of the same first ones again (the 2026-11-27 H100 and
-# 2026-11-28 H200 checks each finished only the first shape of each op); kept rows say which commit measured them.
+# 2026-11-28 H200 checks each finished only the first shape of each op); cases measured at an older commit are
+# measured again last, and where the budget ends first they are kept and say which commit measured them.
 # GPU_CHECK_BENCH_RESUME=PATH resumes from that bench.json instead, and GPU_CHECK_BENCH_RESUME= measures every case.
 RESUME=${GPU_CHECK_BENCH_RESUME-auto}
 if [[ $RESUME == auto ]]; then

@@ -99,6 +99,8 @@ def summary(folder: Path, total_s: str) -> str:
         "tune": _tune(folder),
         "profile": _profile(folder),
         "profile-mix-order-on": _profile(folder, "profile-mix-order-on"),
+        "profile-recurrence-lanes": _profile(folder, "profile-recurrence-lanes"),
+        "profile-cuda-graphs": _profile(folder, "profile-cuda-graphs"),
         "memcheck": _tail(folder / "memcheck.log", r"ERROR SUMMARY|Error|error"),
         "train": _train(folder),
     }

@@ -7,9 +7,10 @@
 # Within GPU_FOLLOWUP_SECONDS (default 230), first what is measured once: per-document LoRA TTT on the check's
 # artifact and SHARDS_DIR (lora_ttt.json); its trained weights exported again without and with low-rank corrections
 # (lowrank-*.log); what the entropy coder saves on those artifacts (measure_codes.json); a few profiled steps with
-# depth recurrence and parallel lanes (profile-recurrence-lanes/). Then, where torch lacks the fix of
-# pytorch#179423, a few profiled baseline steps with inductor's mix-order reductions on (profile-mix-order-on/: the
-# check trained with them off, see tgolf.train.loop.inductor_options); the contest benchmarks still missing
+# depth recurrence and parallel lanes (profile-recurrence-lanes/), and with CUDA graphs (profile-cuda-graphs/).
+# Then, where torch lacks the fix of pytorch#179423, a few profiled baseline steps with inductor's mix-order
+# reductions on (profile-mix-order-on/: the check trained with them off, see tgolf.train.loop.inductor_options);
+# the contest benchmarks still missing
 # (`tgolf.bench --resume` into the check's own bench/); with what is left, the Triton GEMMs' tile search
 # (`tgolf.bench.tune`, into tune/). The check's folder (${TMPDIR:-/tmp}/tgolf_gpu_check/profiles/<date>-<device>)
 # is updated in place and comes back whole as OUT_DIR/gpu_followup.tar.gz (replace the committed folder with
@@ -91,6 +92,15 @@ fi
 step profile-recurrence-lanes 60 profile-recurrence-lanes.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
   $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} "${LOOP_ARGS[@]}" --muon-row-normalize \
   --steps 3 --warmup 2 --no-charts --out "$DIR/profile-recurrence-lanes"
+# The same steps replayed from CUDA graphs (--cuda-graphs), against the check's profile: does the step's idle time
+# (host launches) go? A GPU question only.
+if [[ $DEVICE == cuda ]]; then
+  step profile-cuda-graphs 60 profile-cuda-graphs.log env TORCHINDUCTOR_CACHE_DIR="$STAGE/inductor" \
+    $PY -m tgolf.profile "${RUN_ARGS[@]}" ${DATA:+--data-path "$DATA"} --cuda-graphs --steps 3 --warmup 2 \
+    --no-charts --out "$DIR/profile-cuda-graphs"
+else
+  skipped profile-cuda-graphs "CUDA graphs need a GPU" profile-cuda-graphs.log
+fi
 # The A/B profile of inductor's mix-order reductions, then the benchmark cases still missing (`tgolf.bench --resume`
 # into the check's bench/, three quarters of what is left; 40 s of it is the margin for the case in flight when the
 # time budget passes), then the tile search. They come after the quality steps above: those are measured once,

@@ -170,16 +170,17 @@ def test_resume_keeps_finished_cases_and_measures_those_the_budget_cut(tmp_path,
     assert {(r["op"], r["size"]) for r in stopped["rows"]} == set(sizes) - {cut_whole, cut_anchor}
 
 
-def test_resume_runs_unreached_cases_before_those_the_budget_cut(tmp_path, monkeypatch, capsys):
-    """A case an earlier budget cut runs after every case no run has reached, and the rows kept from an older
-    commit say which commit measured them."""
+def test_resume_runs_unreached_cases_then_cut_ones_then_those_of_older_commits(tmp_path, monkeypatch, capsys):
+    """Cases no run has reached come first, then the cases an earlier budget cut, then the cases kept from an older
+    commit, which are measured again while the budget lasts and otherwise kept, saying which commit measured them."""
     monkeypatch.setenv("TGOLF_BACKEND", "reference")
     first = tmp_path / "first"
     argv = ["--device", "cpu", "--shapes", "quick", "--ops", "ternary", "--no-plots"]
     assert bench_main([*argv, "--out", str(first)]) == 0
     data = json.loads((first / "bench.json").read_text())
     sizes = list(dict.fromkeys((r["op"], r["size"]) for r in data["rows"]))
-    cut, unreached = sizes[0], sizes[-1]
+    cut, unreached, older = sizes[0], sizes[-1], sizes[1:-1]
+    assert older
     data["meta"]["git_commit"] = "0ldc0de"
     data["rows"] = [dict(r, status="skipped: time budget", time=None, anchors={}) if (r["op"], r["size"]) == cut
                     else r for r in data["rows"] if (r["op"], r["size"]) != unreached]
@@ -187,21 +188,25 @@ def test_resume_runs_unreached_cases_before_those_the_budget_cut(tmp_path, monke
     for row in data["rows"]:
         del row["measured"]  # as a bench.json written before rows carried it: the run's meta stands in
     (first / "bench.json").write_text(json.dumps(data))
-    capsys.readouterr()
 
-    assert bench_main([*argv, "--resume", str(first), "--out", str(tmp_path / "second")]) == 0
-    started = [line.split("] ", 1)[1] for line in capsys.readouterr().err.splitlines()
-               if line.startswith("[") and not line.endswith("(kept)")]
-    assert started == [" ".join(unreached), " ".join(cut)]
-    resumed = json.loads((tmp_path / "second" / "bench.json").read_text())
-    assert list(dict.fromkeys((r["op"], r["size"]) for r in resumed["rows"])) == sizes  # the cases' own order
-    for row in resumed["rows"]:
-        kept = (row["op"], row["size"]) not in (cut, unreached)
-        assert (row["measured"]["git_commit"] == "0ldc0de") is kept
-        assert row["case_seconds"] >= 0  # each case's own time, for planning GPU sessions
-    table = (tmp_path / "second" / "bench.md").read_text()
-    assert table.count("(measured at commit 0ldc0de)") == sum(
-        (r["op"], r["size"]) not in (cut, unreached) for r in resumed["rows"])
+    def started(err: str) -> list[tuple[str, str]]:
+        names = [line.split("] ", 1)[1] for line in err.splitlines() if line.startswith("[")]
+        return [tuple(name.split(" ", 1)) for name in names if not name.endswith("(kept)")]
+    capsys.readouterr()
+    assert bench_main([*argv, "--resume", str(first), "--out", str(tmp_path / "again")]) == 0
+    order = started(capsys.readouterr().err)
+    assert order[:2] == [unreached, cut] and sorted(order[2:]) == sorted(older)  # no budget: all measured again
+    again = json.loads((tmp_path / "again" / "bench.json").read_text())
+    assert list(dict.fromkeys((r["op"], r["size"]) for r in again["rows"])) == sizes  # the cases' own order
+    assert all(r["measured"]["git_commit"] == again["meta"]["git_commit"] and r["case_seconds"] >= 0
+               for r in again["rows"])
+
+    # A budget already spent: the cases of the older commit keep their rows, and the table says whose they are.
+    assert bench_main([*argv, "--resume", str(first), "--out", str(tmp_path / "spent"), "--time-budget", "1e-9"]) == 0
+    spent = json.loads((tmp_path / "spent" / "bench.json").read_text())
+    kept = [r for r in spent["rows"] if (r["op"], r["size"]) in older]
+    assert kept and all(r["measured"]["git_commit"] == "0ldc0de" and "time budget" not in r["status"] for r in kept)
+    assert (tmp_path / "spent" / "bench.md").read_text().count("(measured at commit 0ldc0de)") == len(kept)
 
 
 def test_resume_refuses_another_gpu_model(tmp_path, monkeypatch):

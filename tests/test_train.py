@@ -454,6 +454,45 @@ def test_compiled_model_with_the_fusion_off_matches_eager():
     assert compile_model(Config(**{**TINY, "compile": "off"}), model, torch.device("cpu")) is model
 
 
+def test_cuda_graphs_are_asked_of_inductor_and_each_micro_batch_is_a_new_replay(monkeypatch):
+    from tgolf.train.loop import inductor_options, make_train_step
+    assert inductor_options(Config(cuda_graphs=True))["triton.cudagraphs"] is True
+    assert "triton.cudagraphs" not in inductor_options(Config())
+    with pytest.raises(ValueError, match="cuda_graphs=True: .* needs compile 'auto' or 'on'"):
+        Config(**{**TINY, "compile": "off", "cuda_graphs": True}).validate()
+
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(len(calls)))
+    calls = []
+
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, y):
+            calls.append(x)
+            return self.w * (x - y).float().square().mean()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    batches = [(torch.full((2, 3), float(i)), torch.zeros(2, 3)) for i in range(3)]
+    for graphs, expected in ((True, [0, 1, 2]), (False, [])):
+        marks.clear(), calls.clear()
+        loss = make_train_step(Config(**{**TINY, "cuda_graphs": graphs}), Loss(), env, 3)(batches)
+        assert marks == expected and len(calls) == 3  # a mark before each forward, none without graphs
+        assert loss.item() == pytest.approx((0 + 1 + 4) / 3)
+
+
+def test_compiled_model_with_cuda_graphs_runs_on_the_cpu_ungraphed():
+    """CPU tensors are never graphed: the option compiles and computes the same model there."""
+    from tgolf.train.loop import compile_model
+    cfg = Config(**{**TINY, "compile": "on", "cuda_graphs": True}).validate()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.train_seq_len))
+    torch.testing.assert_close(compile_model(cfg, model, torch.device("cpu"))(x, x), model(x, x), rtol=1e-4,
+                               atol=1e-4)
+
+
 # --- profiled window ----------------------------------------------------------------------------------------
 
 def test_profiled_window_records_those_steps_for_the_report(tmp_path, tiny_shards):

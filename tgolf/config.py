@@ -79,6 +79,7 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     compile: str = "auto"  # auto (on for CUDA, off for CPU) | on | off
     mix_order_reduction: str = "auto"  # inductor norm-backward fusion: auto (off without pytorch#179423 fix) | on | off
+    cuda_graphs: bool = False  # replay the compiled forward and backward from CUDA graphs (inductor's cudagraph trees)
 
     # --- budget and schedule ----------------------------------------------------------------
     iterations: int = 20000
@@ -262,6 +263,9 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config field {name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.cuda_graphs and self.compile == "off":
+            raise ValueError("config field cuda_graphs=True: the CUDA graphs are inductor's, so it needs compile "
+                             "'auto' or 'on', not 'off'")
         try:
             linear_family = parse_linear_kind(self.linear)[0]
         except ValueError as exc:

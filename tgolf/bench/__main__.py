@@ -55,6 +55,12 @@ def _resumed(path: Path, shapes: str, device: torch.device) -> tuple[dict[tuple[
     return finished, {(r["op"], r.get("size", "")) for r in rows} - set(finished)
 
 
+def _from_older_commits(done: dict[tuple[str, str], list[dict]], commit: str | None) -> set[tuple[str, str]]:
+    """The kept cases measured at another commit than this run's: measured again if the time budget allows (the
+    code may have changed since), kept otherwise."""
+    return {key for key, rows in done.items() if any(r["measured"].get("git_commit") != commit for r in rows)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
@@ -98,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save([])  # from the start: the failed families and, when resuming, the kept rows
     rows = run_cases(cases, opts, progress=lambda msg: print(msg, file=sys.stderr, flush=True), on_rows=save,
-                     done=done, retry_last=cut)
+                     done=done, retry_last=cut, refresh=_from_older_commits(done, meta.get("git_commit")))
     table = save(rows)
     if not args.no_plots:
         write_plots(failed + rows, out)

@@ -332,14 +332,15 @@ def _anchor_entry(name: str, impl: Impl, case: BenchCase, sets: list[tuple], mod
 def run_cases(cases: Sequence[BenchCase], opts: RunOptions, progress: Callable[[str], None] | None = None,
               on_rows: Callable[[list[dict]], None] | None = None,
               done: Mapping[tuple[str, str], list[dict]] | None = None,
-              retry_last: Collection[tuple[str, str]] = ()) -> list[dict]:
+              retry_last: Collection[tuple[str, str]] = (), refresh: Collection[tuple[str, str]] = ()) -> list[dict]:
     """Rows of every case, grouped by op in first-seen order (the cases may come interleaved across ops).
 
     ``on_rows`` receives the rows so far after every case, so that a run killed by a timeout leaves results.
-    ``done`` maps (op, size) to rows measured earlier (a resumed run): those cases keep them and are not run.
-    ``retry_last`` names (op, size) cases that an earlier run's budget cut: they run after every case no run has
-    reached yet. On the 2026-11-28 H200 run, two resumed runs (206 s) each spent their budget re-running the same
-    cut cases first (the slowest ones, which is why they had been cut) and finished two new ones."""
+    ``done`` maps (op, size) to rows measured earlier (a resumed run): those cases keep them and are not run,
+    except the ``refresh`` ones (rows from an older commit), which run again while the time budget lasts.
+    The order: cases no run has reached, then ``retry_last`` (cases an earlier run's budget cut), then
+    ``refresh``. On the 2026-11-28 H200 run, two resumed runs (206 s) each spent their budget re-running the same
+    cut cases first (the slowest ones, which is why they had been cut) and finished no new one."""
     done = done or {}
     results: dict[int, list[dict]] = {}
 
@@ -349,14 +350,18 @@ def run_cases(cases: Sequence[BenchCase], opts: RunOptions, progress: Callable[[
             if i in results:
                 per_op.setdefault(case.op, []).extend(results[i])
         return [row for rows in per_op.values() for row in rows]
-    schedule = sorted(range(len(cases)), key=lambda i: (cases[i].op, cases[i].size_label) in retry_last)
-    for n, i in enumerate(schedule):
+
+    def rank(i: int) -> int:
+        key = (cases[i].op, cases[i].size_label)
+        return 2 if key in refresh else 1 if key in retry_last else 0
+    for n, i in enumerate(sorted(range(len(cases)), key=rank)):
         case = cases[i]
-        earlier = done.get((case.op, case.size_label))
-        label = f"[{n + 1}/{len(cases)}] {case.op} {case.size_label}"
+        key = (case.op, case.size_label)
+        earlier = done.get(key)
+        keep = earlier is not None and (key not in refresh or time.monotonic() > opts.deadline)
         if progress:
-            progress(label + (" (kept)" if earlier else ""))
-        if earlier:
+            progress(f"[{n + 1}/{len(cases)}] {case.op} {case.size_label}" + (" (kept)" if keep else ""))
+        if keep:
             results[i] = earlier
         else:
             start = time.monotonic()

@@ -79,13 +79,22 @@ def inductor_options(cfg: Config) -> dict[str, bool]:
     registers) took 4.4 and 3.8 ms per micro-batch, 36% of the step with the other norm kernels, where their
     bytes cost tens of µs. So "auto" turns the fusion off where torch lacks the cap, and leaves torch's default
     (or an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION) alone elsewhere.
+
+    ``cuda_graphs`` has inductor record the compiled forward and backward as CUDA graphs and replay them, so the
+    host's launches leave the step. Why it may pay: the 2026-11-28 H200 profile of the compiled baseline had 25 ms
+    of every 295 ms step idle inside forward and backward, and tgolf's ops called eagerly spent 0.2-1 ms of host
+    time per forward+backward beside their graph replays (profiles/2026-11-28-NVIDIA-H200). Not yet measured in
+    training on a GPU; CPU tensors are never graphed.
     """
     import torch._inductor.config as inductor_config
 
-    return mix_order_options(cfg.mix_order_reduction,
-                             has_fusion=hasattr(inductor_config.triton, "mix_order_reduction"),
-                             has_cap=hasattr(inductor_config.triton, "mix_order_reduction_max_reads"),
-                             env_set="TORCHINDUCTOR_MIX_ORDER_REDUCTION" in os.environ)
+    options = mix_order_options(cfg.mix_order_reduction,
+                                has_fusion=hasattr(inductor_config.triton, "mix_order_reduction"),
+                                has_cap=hasattr(inductor_config.triton, "mix_order_reduction_max_reads"),
+                                env_set="TORCHINDUCTOR_MIX_ORDER_REDUCTION" in os.environ)
+    if cfg.cuda_graphs:  # what torch.compile's mode="reduce-overhead" sets (mode and options exclude each other)
+        options["triton.cudagraphs"] = True
+    return options
 
 
 def mix_order_options(setting: str, *, has_fusion: bool, has_cap: bool, env_set: bool) -> dict[str, bool]:
@@ -112,6 +121,8 @@ def make_train_step(cfg: Config, model: nn.Module, env: DistEnv, accum: int) -> 
         total = torch.zeros((), device=env.device)
         for i, (x, y) in enumerate(micro_batches):
             sync = not ddp or i == len(micro_batches) - 1
+            if cfg.cuda_graphs:  # each micro-batch is a new replay: the last one's outputs are used up by now
+                torch.compiler.cudagraph_mark_step_begin()
             with (contextlib.nullcontext() if sync else model.no_sync()):
                 with nvtx_range("forward"), autocast_context(env.device):
                     loss = model(x, y)
@@ -155,7 +166,8 @@ _NO_BUFFER_SYNC_PER_FORWARD = ({"forward_sync_buffers": False}
 # Config fields a resumed run may change: none shapes the training steps still to come. The rest must equal the
 # checkpoint's (iterations may grow: a run stopped by time continues by time).
 _RESUME_MAY_CHANGE = frozenset({
-    "resume", "run_id", "out_dir", "submission_dir", "device", "compile", "mix_order_reduction", "profile_steps",
+    "resume", "run_id", "out_dir", "submission_dir", "device", "compile", "mix_order_reduction", "cuda_graphs",
+    "profile_steps",
     "max_wallclock_seconds", "iterations", "checkpoint_every", "val_loss_every", "train_log_every",
     "val_batch_size", "val_tokens_limit", "eval_stride", "eval_seq_len", "compressor", "code_pack",
     "max_artifact_bytes"})
