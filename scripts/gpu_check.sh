@@ -26,6 +26,8 @@
 # GPU_CHECK_DEVICE=cpu rehearses the whole check on a machine without a GPU (quick benchmark shapes, the smoke
 # preset, no torch.compile), so the plumbing is proven before GPU time is spent; tests/test_gpu_check.py runs it.
 # GPU_CHECK_BENCH_RESUME: see the benchmark step (default: resume from the newest committed run on this GPU model).
+# GPU_CHECK_CACHE: an earlier session's compile caches to start from (default .gpu_cache/compile_cache.tar.gz; the
+# check and the follow-up write theirs as OUT_DIR/compile_cache.tar.gz, see scripts/gpu_steps.sh).
 # GPU_CHECK_SKIP="install memcheck" leaves out the steps named (e.g. the install where tgolf is installed already).
 # Exit status 0 when every step that ran succeeded, 1 when one failed or timed out, 2 for a bad setting.
 set -u -o pipefail
@@ -71,6 +73,13 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 step install 150 install.log $PY -m pip install --no-deps --no-build-isolation -e .
 step info 20 info.txt $PY -m tgolf.info
+CACHE=${GPU_CHECK_CACHE-.gpu_cache/compile_cache.tar.gz}
+if [[ -n $CACHE && -f $CACHE ]]; then
+  step restore-caches 60 restore_caches.log bash -c 'tar xzf "$1" -C "$2" && echo "$(tar tzf "$1" | wc -l) entries"' \
+    restore "$CACHE" "$STAGE"
+else
+  skipped restore-caches "no ${CACHE:-GPU_CHECK_CACHE} from an earlier session" restore_caches.log
+fi
 # Triton compiles each kernel on first use; pytest-xdist (in the GPU image) spreads that over the CPU cores.
 XDIST=()
 # One worker per core, at most 16: on the first H100 run (2026-11-27) 8 workers needed over 100 s, mostly compiling.

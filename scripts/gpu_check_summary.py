@@ -92,6 +92,7 @@ def summary(folder: Path, total_s: str) -> str:
     results = {
         "install": _tail(folder / "install.log", r"Successfully installed|error|Error") or "see install.log",
         "info": _tail(folder / "info.txt", r"CUDA extension"),
+        "restore-caches": _tail(folder / "restore_caches.log", r"entries"),
         "pytest-gpu": _tail(folder / "pytest.log", r"passed|failed|error|skipped|deselected|no tests ran"),
         "bench": bench_counts,
         "bench-more": bench_counts,

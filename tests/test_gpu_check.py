@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(not all(shutil.which(t) for t in ("bash", "timeo
 
 def _run(tmp_path: Path, data: Path | str, **env: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
     out = tmp_path / "out"
-    full_env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu", **env}
+    # no compile caches from this checkout's own GPU sessions, unless a test hands some
+    full_env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHON": sys.executable, "GPU_CHECK_DEVICE": "cpu",
+                "GPU_CHECK_CACHE": "", **env}
     full_env.pop("TRITON_INTERPRET", None)  # the check must run as a user would start it
     proc = subprocess.run(["bash", str(SCRIPT), str(data), str(out)], env=full_env, capture_output=True, text=True,
                           timeout=600)
@@ -42,6 +44,7 @@ def test_cpu_rehearsal_runs_every_step_and_archives_the_results(tmp_path, tiny_s
     steps = _steps(folder)
     assert proc.returncode == 0, (steps, proc.stdout[-3000:], proc.stderr[-3000:])
     assert steps["install"] == "skipped (GPU_CHECK_SKIP)" and steps["memcheck"] == "skipped (no GPU)"
+    assert steps["restore-caches"].startswith("skipped (no "), steps  # no earlier session's caches here
     for name in ("info", "pytest-gpu", "bench", "profile", "train", "bench-more"):
         assert steps[name] == "ok", (name, (folder / f"{name}.log").exists() and proc.stdout[-3000:])
 
@@ -104,10 +107,18 @@ def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
     for row in data["rows"]:
         row["measured"]["git_commit"] = "0ldc0de"
     (earlier / "bench.json").write_text(json.dumps(data))
+    # ... and its compile caches, which the check unpacks before its first step that compiles ...
+    cache = tmp_path / "cache"
+    (cache / "triton" / "ab").mkdir(parents=True)
+    (cache / "triton" / "ab" / "kernel.cubin").write_bytes(b"earlier session")
+    subprocess.run(["tar", "czf", str(tmp_path / "compile_cache.tar.gz"), "-C", str(cache), "triton"], check=True)
     # ... then the check (only what the follow-up needs: its bench), then the follow-up on the same stage.
-    proc, folder, _ = _run(tmp_path, "", GPU_CHECK_SKIP="wheels install info pytest-gpu profile",
-                           GPU_CHECK_BENCH_RESUME=str(earlier / "bench.json"))
-    assert _steps(folder)["bench"] == "ok", proc.stdout[-2000:]
+    proc, folder, out = _run(tmp_path, "", GPU_CHECK_SKIP="wheels install info pytest-gpu profile",
+                             GPU_CHECK_BENCH_RESUME=str(earlier / "bench.json"),
+                             GPU_CHECK_CACHE=str(tmp_path / "compile_cache.tar.gz"))
+    assert _steps(folder)["bench"] == "ok" and _steps(folder)["restore-caches"] == "ok", proc.stdout[-2000:]
+    with tarfile.open(out / "compile_cache.tar.gz") as tar:  # this session's caches, the earlier ones included
+        assert tar.extractfile("triton/ab/kernel.cubin").read() == b"earlier session"
     checked = json.loads((folder / "bench" / "bench.json").read_text())
     assert checked["meta"]["resumed_from"] == str(earlier / "bench.json")
     order = [line.split("] ", 1)[1] for line in (folder / "bench.log").read_text().splitlines()
@@ -131,6 +142,7 @@ def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
     summary = (tmp_path / "out2" / "summary.md").read_text()
     assert "(check) + " in summary and "(follow-up)" in summary and "kernel shapes; best tile / default" in summary
     assert (tmp_path / "out2" / "tune.md").stat().st_size > 0
+    assert (tmp_path / "out2" / "compile_cache.tar.gz").stat().st_size > 0  # the follow-up's caches come back too
     with tarfile.open(tmp_path / "out2" / "gpu_followup.tar.gz") as tar:
         names = set(tar.getnames())
     assert f"profiles/{folder.name}/tune/tune.json" in names and f"profiles/{folder.name}/bench/bench.json" in names
