@@ -82,9 +82,9 @@ def inductor_options(cfg: Config) -> dict[str, bool]:
 
     ``cuda_graphs`` has inductor record the compiled forward and backward as CUDA graphs and replay them, so the
     host's launches leave the step. Why it may pay: the 2026-11-28 H200 profile of the compiled baseline had 25 ms
-    of every 295 ms step idle inside forward and backward, and tgolf's ops called eagerly spent 0.2-1 ms of host
-    time per forward+backward beside their graph replays (profiles/2026-11-28-NVIDIA-H200). Not yet measured in
-    training on a GPU; CPU tensors are never graphed.
+    of every 295 ms step idle inside forward and backward, and an eager forward+backward of tgolf's ops took up to
+    about 1 ms longer than its graph replay (profiles/2026-11-28-NVIDIA-H200). Not yet measured in training on a
+    GPU; CPU tensors are never graphed.
     """
     import torch._inductor.config as inductor_config
 
