@@ -86,6 +86,37 @@ def _tune(folder: Path) -> str:
     return f"{len(rows)} kernel shapes; best tile / default: " + (", ".join(gains) if gains else "none timed")
 
 
+def _pytest(folder: Path) -> str:
+    """pytest's closing line; where its step was cut before it, the outcomes the -v log had reached."""
+    path = folder / "pytest.log"
+    if not path.exists():
+        return ""
+    text = path.read_text(errors="replace")
+    closing = re.findall(r"^=+ (.*(?:passed|failed|error|skipped|deselected|no tests ran).*) =+$", text, re.M)
+    if closing:
+        return closing[-1]
+    outcomes = re.findall(r"^(?:\[gw\d+\] )?\[ *\d+%\] (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b", text, re.M)
+    if not outcomes:
+        outcomes = re.findall(r" (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)(?: +\[ *\d+%\])?$", text, re.M)
+    collected = re.search(r"(?:collected|\[)(\d+) items", text)
+    counts = ", ".join(f"{outcomes.count(o)} {o.lower()}" for o in dict.fromkeys(outcomes))
+    return f"cut before the end: {counts or 'no outcome'}" + (f" of {collected[1]}" if collected else "")
+
+
+def _failures(folder: Path) -> list[str]:
+    """One line per failed test from pytest_failures.txt (tests/_failure_log.py): its id and its last E line."""
+    path = folder / "pytest_failures.txt"
+    if not path.exists():
+        return []
+    lines = []
+    for block in path.read_text(errors="replace").split("==== ")[1:]:
+        head, _, body = block.partition("\n")
+        errors = [line[1:].strip() for line in body.splitlines() if line.startswith("E ")]
+        why = (errors[-1] if errors else "see pytest_failures.txt")[:200]
+        lines.append(f"- `{head.strip()}`: {why}".replace("|", "/"))
+    return lines
+
+
 def summary(folder: Path, total_s: str) -> str:
     env = json.loads((folder / "env.json").read_text()) if (folder / "env.json").exists() else {}
     bench_counts, bench_lines = _bench(folder)
@@ -93,7 +124,7 @@ def summary(folder: Path, total_s: str) -> str:
         "install": _tail(folder / "install.log", r"Successfully installed|error|Error") or "see install.log",
         "info": _tail(folder / "info.txt", r"CUDA extension"),
         "restore-caches": _tail(folder / "restore_caches.log", r"entries"),
-        "pytest-gpu": _tail(folder / "pytest.log", r"passed|failed|error|skipped|deselected|no tests ran"),
+        "pytest-gpu": _pytest(folder),
         "bench": bench_counts,
         "bench-more": bench_counts,
         "bench-resume": bench_counts,
@@ -115,6 +146,9 @@ def summary(folder: Path, total_s: str) -> str:
         name, status, secs, _log = (row.split("\t") + ["", "", "", ""])[:4]
         result = "" if status.startswith("skipped") else results.get(name, "").replace("|", "/")
         lines.append(f"| {name} | {status} | {secs} | {result} |")
+    failures = _failures(folder)
+    if failures:
+        lines += ["", "## Test failures (pytest_failures.txt has the tracebacks)", "", *failures]
     return "\n".join(lines) + "\n"
 
 

@@ -148,6 +148,29 @@ def test_followup_resumes_the_benchmarks_and_searches_tiles(tmp_path):
     assert f"profiles/{folder.name}/tune/tune.json" in names and f"profiles/{folder.name}/bench/bench.json" in names
 
 
+def test_summary_says_how_far_a_cut_pytest_got_and_why_its_failures_failed(tmp_path):
+    """A pytest step cut by its limit has no closing line: the summary counts the outcomes its -v log reached, and
+    lists each failure with its last E line from pytest_failures.txt."""
+    (tmp_path / "steps.tsv").write_text("pytest-gpu\ttimeout\t110\tpytest.log\n")
+    (tmp_path / "pytest.log").write_text(
+        "16 workers [5 items]\n"
+        "[gw0] [ 20%] PASSED tests/test_a.py::test_one\n"
+        "[gw1] [ 40%] FAILED tests/test_csrc.py::test_cuda_ops_raise_clear_errors[group_size-group_size must be]\n"
+        "[gw0] [ 60%] PASSED tests/test_a.py::test_two\n")
+    (tmp_path / "pytest_failures.txt").write_text(
+        "==== tests/test_csrc.py::test_cuda_ops_raise_clear_errors[group_size-group_size must be] (call)\n"
+        "    def test(): ...\nE       AssertionError: crashed (exit status -11): |\nE       assert -11 == 0\n\n")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check_summary.py"), str(tmp_path), "9"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "| pytest-gpu | timeout | 110 | cut before the end: 2 passed, 1 failed of 5 |" in proc.stdout
+    assert ("- `tests/test_csrc.py::test_cuda_ops_raise_clear_errors[group_size-group_size must be] (call)`: "
+            "assert -11 == 0") in proc.stdout
+    (tmp_path / "pytest.log").write_text("...\n======= 4 passed, 1 failed in 80.2s =======\n")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check_summary.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "| pytest-gpu | timeout | 110 | 4 passed, 1 failed in 80.2s |" in proc.stdout
+
+
 def test_followup_without_a_check_says_so(tmp_path):
     proc = _followup(tmp_path)
     assert proc.returncode == 2 and "no check to follow up" in proc.stderr
