@@ -173,6 +173,7 @@ def _rank_main(rank: int, world: int, init: str, out_dir: str) -> None:
         res = evaluate_lora_ttt(tiny_gpt(), documents_stream(), SEQ, tables(), "cpu", settings(docs=2), rank=rank,
                                 world_size=world)
         torch.save(dataclasses.asdict(res), os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # as tgolf.train.distributed.teardown: gloo aborts some exits without it
     finally:
         dist.destroy_process_group()
 

@@ -159,6 +159,7 @@ def _rank_main(rank: int, world_size: int, init_file: str, out_dir: str) -> None
                            world_size=world_size, stride=8)
         torch.save({"bpb": res.val_bpb, "tokens": res.tokens, "state": model.state_dict()},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # as tgolf.train.distributed.teardown: gloo aborts some exits without it
     finally:
         dist.destroy_process_group()
 

@@ -24,6 +24,7 @@ from tgolf.config import Config, add_config_arguments, env_overrides
 from tgolf.data.loader import load_val_tokens
 from tgolf.data.tokenizer import build_byte_tables
 from tgolf.eval.bpb import evaluate
+from tgolf.train.distributed import barrier
 
 
 TTT_FIELDS = [f.name for f in dataclasses.fields(Config) if f.name.startswith("ttt_")]
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = evaluate(model, val, seq_len, batch_tokens, tables, device, rank=rank, world_size=world_size,
                               stride=stride)
+        barrier()  # every rank done before the group goes (tgolf.train.distributed.teardown says why)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
